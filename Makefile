@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine: `make up` and `make test`.
+# Both run `make setup` first, which is idempotent and installs what is missing.
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.installed
+JARS := deploy/kafka/lib/.resolved
+
+.PHONY: setup up test test-unit bench infra-start infra-stop clean
+
+setup: $(STAMP) $(JARS) /usr/bin/redis-server
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+$(JARS): deploy/kafka/pom.xml
+	cd deploy/kafka && mvn -q -B dependency:copy-dependencies -DoutputDirectory=lib -DincludeScope=runtime
+	@touch $@
+
+/usr/bin/redis-server:
+	@command -v apt-get >/dev/null || { echo "install redis-server (Debian: apt-get install redis-server)"; exit 1; }
+	$(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q --no-install-recommends redis-server
+	@# Debian's package may start a system instance on 6379; clickloop runs its own.
+	-service redis-server stop >/dev/null 2>&1 || true
+
+up: setup
+	.venv/bin/clickloop up
+
+test: setup
+	.venv/bin/clickloop infra start
+	$(PY) -m pytest -q
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+bench: setup
+	.venv/bin/clickloop infra start
+	$(PY) bench/stream_throughput.py
+
+infra-start: setup
+	.venv/bin/clickloop infra start
+
+infra-stop:
+	.venv/bin/clickloop infra stop
+
+clean:
+	-.venv/bin/clickloop infra stop
+	rm -rf .state

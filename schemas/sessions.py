@@ -1,0 +1,25 @@
+"""The `sessions` topic: one record per closed session, keyed by visitor."""
+from __future__ import annotations
+
+from typing import TypedDict
+
+SCHEMA_VERSION = 1
+
+
+class Session(TypedDict):
+    v: int                      # SCHEMA_VERSION
+    session_id: str             # deterministic: same events, same id (replay-safe)
+    visitor: str
+    user_id: str | None
+    anonymous_id: str | None
+    start: int                  # epoch ms of the first event
+    end: int                    # epoch ms of the last event
+    duration_ms: int
+    event_count: int
+    counts: dict[str, int]      # events by type, `track` events by their name
+    page_views: int
+    searches: int
+    landing_page: str | None
+    exit_page: str | None
+    referrer: str | None
+    items: list[str]            # item ids the visitor viewed, in order, unique

@@ -1,0 +1,1 @@
+"""clickloop's HTTP services (collector, recommender), its CLI and local infrastructure."""

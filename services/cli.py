@@ -1,0 +1,185 @@
+"""The `clickloop` command.
+
+  clickloop up                      Kafka, Redis, every worker and both services, in the foreground
+  clickloop demo [--events N]       post synthetic traffic to the collector
+  clickloop worker PROCESSOR        one stream processor (sessionize, features)
+  clickloop serve SERVICE           one HTTP service (collector, recommender)
+  clickloop infra start|stop|status the local Kafka broker and Redis server
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from services.settings import Settings, SettingsError
+
+
+def _serve(service: str, settings: Settings) -> None:
+    from aiohttp import web
+
+    if service == "collector":
+        from services.collector.app import make_app
+        host, port = settings.collector_host, settings.collector_port
+    elif service == "recommender":
+        from services.recommender.app import make_app
+        host, port = settings.recommender_host, settings.recommender_port
+    else:
+        raise SystemExit(f"unknown service {service!r}; choose collector or recommender")
+    print(f"[{service}] listening on http://{host}:{port}", flush=True)
+    web.run_app(make_app(settings), host=host, port=port, print=None, access_log=None)
+
+
+def _up(settings: Settings) -> int:
+    from services import infra
+    from streams.topics import ensure_topics
+
+    started = infra.start_all(settings)
+    for svc in started:
+        print(f"started {svc.name} on {svc.host}:{svc.port} (log {svc.log})", flush=True)
+    asyncio.run(ensure_topics(settings))
+    me = [sys.executable, "-m", "services.cli"]
+    children = {
+        name: subprocess.Popen([*me, *cmd], env={**os.environ, **settings.as_env()})
+        for name, cmd in [("sessionize", ["worker", "sessionize"]),
+                          ("features", ["worker", "features"]),
+                          ("collector", ["serve", "collector"]),
+                          ("recommender", ["serve", "recommender"])]
+    }
+    print(f"""
+clickloop is up
+  collector    http://{settings.collector_host}:{settings.collector_port}/v1/batch
+  recommender  http://{settings.recommender_host}:{settings.recommender_port}/v1/recommendations?user_id=...&k=5
+  kafka        {settings.kafka_bootstrap}
+  redis        {settings.redis_url}
+Send traffic with `.venv/bin/clickloop demo`; Ctrl-C stops everything.
+""", flush=True)
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    try:
+        while not stopping:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with code {proc.returncode}; stopping", flush=True)
+                    stopping, code = True, 1
+            time.sleep(0.5)
+    finally:
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in children.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for svc in started:
+            infra.stop(svc)
+            print(f"stopped {svc.name}", flush=True)
+    return code
+
+
+async def _demo(settings: Settings, events: int | None, rate: float, visitors: int,
+                history_hours: float, batch_size: int) -> None:
+    import aiohttp
+    import orjson
+
+    from services.demo import Traffic
+
+    url = f"http://{settings.collector_host}:{settings.collector_port}/v1/batch"
+    traffic = Traffic(seed=int(time.time()), visitors=visitors)
+    history_ms = int(history_hours * 3_600_000)
+    stream = traffic.stream(int(time.time() * 1000) - history_ms, spread_ms=history_ms)
+    sent, t0 = 0, time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        while events is None or sent < events:
+            n = batch_size if events is None else min(batch_size, events - sent)
+            batch = []
+            for ts, event in stream:
+                lag_s = ts / 1000 - time.time()
+                if lag_s > 0:  # simulated time caught up with the clock: go real-time
+                    await asyncio.sleep(lag_s)
+                batch.append(event)
+                if len(batch) == n:
+                    break
+            async with http.post(url, data=orjson.dumps({"batch": batch}),
+                                 headers={"Content-Type": "application/json"}) as resp:
+                if resp.status != 200:
+                    raise SystemExit(f"collector answered {resp.status}: {await resp.text()}")
+            sent += len(batch)
+            if sent % (batch_size * 20) == 0 or sent == events:
+                print(f"sent {sent} events ({sent / (time.monotonic() - t0):.0f}/s)", flush=True)
+            ahead = sent / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clickloop", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start everything locally, in the foreground")
+    demo = sub.add_parser("demo", help="post synthetic traffic to the collector")
+    demo.add_argument("--events", type=int, default=None, help="stop after N events (default: run until Ctrl-C)")
+    demo.add_argument("--rate", type=float, default=1000, help="at most this many events/s (default 1000)")
+    demo.add_argument("--visitors", type=int, default=1000, help="distinct visitors (default 1000)")
+    demo.add_argument("--history-hours", type=float, default=6,
+                      help="simulated event time starts this long ago (default 6)")
+    demo.add_argument("--batch-size", type=int, default=50, help="events per request (default 50)")
+    worker = sub.add_parser("worker", help="run one stream processor")
+    worker.add_argument("processor", choices=["sessionize", "features"])
+    serve = sub.add_parser("serve", help="run one HTTP service")
+    serve.add_argument("service", choices=["collector", "recommender"])
+    inf = sub.add_parser("infra", help="the local Kafka broker and Redis server")
+    inf.add_argument("action", choices=["start", "stop", "status"])
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"clickloop: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "up":
+        return _up(settings)
+    if args.command == "demo":
+        try:
+            asyncio.run(_demo(settings, args.events, args.rate, args.visitors,
+                              args.history_hours, args.batch_size))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "worker":
+        from streams.app import run_worker
+        run_worker(args.processor, settings)
+        return 0
+    if args.command == "serve":
+        _serve(args.service, settings)
+        return 0
+    from services import infra
+    try:
+        if args.action == "start":
+            for svc in infra.start_all(settings):
+                print(f"started {svc.name} on {svc.host}:{svc.port} (log {svc.log})")
+        elif args.action == "stop":
+            infra.stop_all(settings)
+        for name, line in infra.status(settings).items():
+            print(f"{name}: {line}")
+    except infra.InfraError as exc:
+        print(f"clickloop: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The collector: a Segment-compatible tracking API that produces to `clicks`."""

@@ -1,0 +1,1 @@
+"""The recommender: ranked items for a visitor, from features in Redis."""

@@ -1,0 +1,1 @@
+"""clickloop's stream processors: Faust agents over pure, synchronous domain logic."""

@@ -1,0 +1,76 @@
+"""Faust app factory and worker entry point: one app (and consumer group) per processor.
+
+There is no module-level app: `clickloop worker <processor>` builds one from
+the process's settings, so tests and benchmarks can run several side by side
+with different prefixes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+import faust
+
+from services.settings import Settings
+from streams.meter import Meter
+from streams.topics import ensure_topics
+
+log = logging.getLogger("clickloop.streams")
+
+Builder = Callable[[faust.App, Settings, Meter], None]
+
+
+def make_app(settings: Settings, processor: str) -> faust.App:
+    datadir = settings.state_dir / "faust" / f"{settings.prefix}{processor}"
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        f"{settings.prefix}clickloop-{processor}",
+        broker=f"kafka://{settings.kafka_bootstrap.replace(',', ';kafka://')}",
+        store="memory://",          # tables are rebuilt from their changelog topics
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=1000,
+        broker_commit_interval=1.0,
+        web_enabled=False,
+        datadir=str(datadir),
+        loghandlers=[],
+    )
+
+
+def processors() -> dict[str, Builder]:
+    from streams import features, sessionize
+
+    return {"sessionize": sessionize.build, "features": features.build}
+
+
+def run_worker(processor: str, settings: Settings) -> None:
+    """Run one processor in the foreground until SIGINT/SIGTERM."""
+    builders = processors()
+    if processor not in builders:
+        raise SystemExit(f"unknown processor {processor!r}; choose one of {', '.join(builders)}")
+    asyncio.run(ensure_topics(settings))
+    app = make_app(settings, processor)
+    meter = Meter()
+    builders[processor](app, settings, meter)
+
+    @app.timer(1.0)
+    async def progress() -> None:
+        line = meter.report()
+        if line:
+            print(f"[{processor}] {line}", flush=True)
+
+    # Faust's own log level: its INFO tables are noise for an operator.
+    level = {"debug": "debug", "info": "warn", "warning": "warn", "error": "error"}[settings.log_level]
+    worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
+    worker.spinner = None  # a terminal spinner only mangles log files
+    print(f"[{processor}] starting worker for group {app.conf.id} on {settings.kafka_bootstrap}",
+          flush=True)
+    worker.execute_from_commandline()
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,45 @@
+"""Topic names (DESIGN.md, "Topics") and their creation.
+
+Every topic is created explicitly with the configured partition count before
+anything reads or writes it: Faust refuses a table whose changelog and source
+topic disagree on partitions, and an auto-created topic would silently get the
+broker's default.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from services.settings import Settings
+
+CLICKS = "clicks"
+CLICKS_DLQ = "clicks.dlq"
+CLICKS_LATE = "clicks.late"
+SESSIONS = "sessions"
+SESSIONS_DLQ = "sessions.dlq"
+
+ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ)
+
+
+async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> None:
+    """Create the missing topics of `names` (prefixed), with `settings.partitions` each."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [NewTopic(settings.topic(n), settings.partitions, 1)
+                  for n in names if settings.topic(n) not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race
+            for _ in range(50):  # creation is asynchronous on the broker
+                if {t.name for t in wanted} <= set(await admin.list_topics()):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await admin.close()

@@ -1,0 +1,65 @@
+"""Shared fixtures. Integration fixtures start the real Kafka broker and Redis server
+once per test session (services.infra: reused when already running); every test
+then gets its own topic/key prefix, so tests never see each other's data."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def infra() -> Settings:
+    from services import infra as local
+
+    base = Settings.from_env()
+    local.start_all(base)
+    return base
+
+
+@pytest.fixture
+def settings(infra: Settings, tmp_path: Path) -> Settings:
+    return dataclasses.replace(infra, prefix=f"it-{uuid.uuid4().hex[:10]}.", partitions=1,
+                               state_dir=tmp_path / "state")
+
+
+@dataclasses.dataclass
+class Workers:
+    settings: Settings
+    logdir: Path
+    procs: dict = dataclasses.field(default_factory=dict)
+
+    def start(self, processor: str, **env: str) -> subprocess.Popen:
+        log = open(self.logdir / f"{processor}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", processor],
+                                env={**os.environ, **self.settings.as_env(), **env},
+                                stdout=log, stderr=subprocess.STDOUT)
+        self.procs[processor] = proc
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in self.logdir.glob("*.log"))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def workers(settings: Settings, tmp_path: Path):
+    running = Workers(settings, tmp_path)
+    yield running
+    running.stop()

@@ -1,0 +1,43 @@
+"""Reading topics and polling in integration tests (real broker, real Redis)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+T = TypeVar("T")
+
+
+async def read_topic(bootstrap: str, topic: str, until: Callable[[list[dict]], bool],
+                     timeout_s: float = 60) -> list[dict]:
+    """JSON values of `topic` from the start, until `until(values)` holds."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    values: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(values):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: condition not met in {timeout_s} s; got {values}")
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                values.extend(orjson.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
+                     timeout_s: float = 30, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not met in {timeout_s} s; last value {value!r}")
+        await asyncio.sleep(0.2)
