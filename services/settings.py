@@ -2,80 +2,83 @@
 
 Every knob is an environment variable with a documented default (README,
 "Configuration"); a bad value stops the process with a message naming the
-variable and what it expects.
+variable and what it expects. Each field names its variable in its metadata,
+so reading the environment and writing it back for a child process are one
+table, not two lists to keep in step.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class SettingsError(ValueError):
     """A configuration value is missing or malformed; the message says how to fix it."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise SettingsError(f"{name}={value} must be at least {minimum}")
-    return value
+def _env(name: str, minimum: int | None = None, **kw: Any):
+    return field(metadata={"env": name, "minimum": minimum}, **kw)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = _env("CLICKLOOP_KAFKA", default="127.0.0.1:9092")
+    redis_url: str = _env("CLICKLOOP_REDIS_URL", default="redis://127.0.0.1:6379/0")
     # Isolates one deployment (or one test) from another: prefixes topics,
     # consumer groups and Redis keys.
-    prefix: str = ""
-    partitions: int = 4
-    collector_host: str = "127.0.0.1"
-    collector_port: int = 8080
-    recommender_host: str = "127.0.0.1"
-    recommender_port: int = 8081
-    session_gap_ms: int = 30 * 60 * 1000
-    max_batch_bytes: int = 500 * 1024
-    state_dir: Path = field(default_factory=lambda: REPO_ROOT / ".state")
-    log_level: str = "info"
+    prefix: str = _env("CLICKLOOP_PREFIX", default="")
+    partitions: int = _env("CLICKLOOP_PARTITIONS", 1, default=4)
+    collector_host: str = _env("CLICKLOOP_COLLECTOR_HOST", default="127.0.0.1")
+    collector_port: int = _env("CLICKLOOP_COLLECTOR_PORT", 0, default=8080)
+    recommender_host: str = _env("CLICKLOOP_RECOMMENDER_HOST", default="127.0.0.1")
+    recommender_port: int = _env("CLICKLOOP_RECOMMENDER_PORT", 0, default=8081)
+    # Collector
+    write_keys: tuple[str, ...] = _env("CLICKLOOP_WRITE_KEYS", default=())
+    require_write_key: bool = _env("CLICKLOOP_REQUIRE_WRITE_KEY", default=True)
+    anonymize_ip: bool = _env("CLICKLOOP_ANONYMIZE_IP", default=True)
+    cookie_name: str = _env("CLICKLOOP_COOKIE_NAME", default="cl_anonymous_id")
+    max_event_bytes: int = _env("CLICKLOOP_MAX_EVENT_BYTES", 256, default=32 * 1024)
+    max_batch_bytes: int = _env("CLICKLOOP_MAX_BATCH_BYTES", 1024, default=500 * 1024)
+    # Collector micro-batching: events of many requests share one Kafka record
+    # per partition, flushed after this many ms or events.
+    linger_ms: int = _env("CLICKLOOP_LINGER_MS", 0, default=5)
+    record_max_events: int = _env("CLICKLOOP_RECORD_MAX_EVENTS", 1, default=500)
+    # Sessionizer
+    session_gap_s: int = _env("CLICKLOOP_SESSION_GAP_S", 1, default=30 * 60)
+    session_grace_s: int = _env("CLICKLOOP_SESSION_GRACE_S", 0, default=10 * 60)
+    session_max_s: int = _env("CLICKLOOP_SESSION_MAX_S", 1, default=24 * 3600)
+    state_dir: Path = _env("CLICKLOOP_STATE_DIR", default=REPO_ROOT / ".state")
+    log_level: str = _env("CLICKLOOP_LOG_LEVEL", default="info")
+
+    @property
+    def session_gap_ms(self) -> int:
+        return self.session_gap_s * 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
-        d = cls()
-        level = env.get("CLICKLOOP_LOG_LEVEL", "info").lower()
-        if level not in {"debug", "info", "warning", "error"}:
-            raise SettingsError(
-                f"CLICKLOOP_LOG_LEVEL={level!r}: use debug, info, warning or error")
-        settings = cls(
-            kafka_bootstrap=env.get("CLICKLOOP_KAFKA", d.kafka_bootstrap),
-            redis_url=env.get("CLICKLOOP_REDIS_URL", d.redis_url),
-            prefix=env.get("CLICKLOOP_PREFIX", ""),
-            partitions=_int(env, "CLICKLOOP_PARTITIONS", d.partitions, minimum=1),
-            collector_host=env.get("CLICKLOOP_COLLECTOR_HOST", d.collector_host),
-            collector_port=_int(env, "CLICKLOOP_COLLECTOR_PORT", d.collector_port),
-            recommender_host=env.get("CLICKLOOP_RECOMMENDER_HOST", d.recommender_host),
-            recommender_port=_int(env, "CLICKLOOP_RECOMMENDER_PORT", d.recommender_port),
-            session_gap_ms=1000 * _int(env, "CLICKLOOP_SESSION_GAP_S", 1800, minimum=1),
-            max_batch_bytes=_int(env, "CLICKLOOP_MAX_BATCH_BYTES", d.max_batch_bytes, minimum=1024),
-            state_dir=Path(env.get("CLICKLOOP_STATE_DIR") or REPO_ROOT / ".state"),
-            log_level=level,
-        )
-        if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError(
-                f"CLICKLOOP_REDIS_URL={settings.redis_url!r} must start with redis://, rediss:// or unix://")
-        if not settings.kafka_bootstrap.strip():
-            raise SettingsError("CLICKLOOP_KAFKA is empty: give host:port[,host:port...]")
+        values = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        settings = cls(**values)
+        settings.check()
         return settings
+
+    def check(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise SettingsError(f"CLICKLOOP_LOG_LEVEL={self.log_level!r}: use {', '.join(LOG_LEVELS)}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(
+                f"CLICKLOOP_REDIS_URL={self.redis_url!r} must start with redis://, rediss:// or unix://")
+        if not self.kafka_bootstrap.strip():
+            raise SettingsError("CLICKLOOP_KAFKA is empty: give host:port[,host:port...]")
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -85,16 +88,36 @@ class Settings:
 
     def as_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
-        names = {
-            "kafka_bootstrap": "CLICKLOOP_KAFKA", "redis_url": "CLICKLOOP_REDIS_URL",
-            "prefix": "CLICKLOOP_PREFIX", "partitions": "CLICKLOOP_PARTITIONS",
-            "collector_host": "CLICKLOOP_COLLECTOR_HOST", "collector_port": "CLICKLOOP_COLLECTOR_PORT",
-            "recommender_host": "CLICKLOOP_RECOMMENDER_HOST",
-            "recommender_port": "CLICKLOOP_RECOMMENDER_PORT",
-            "max_batch_bytes": "CLICKLOOP_MAX_BATCH_BYTES",
-            "state_dir": "CLICKLOOP_STATE_DIR", "log_level": "CLICKLOOP_LOG_LEVEL",
-        }
-        env = {var: str(getattr(self, attr)) for attr, var in names.items()}
-        env["CLICKLOOP_SESSION_GAP_S"] = str(self.session_gap_ms // 1000)
-        assert set(names) | {"session_gap_ms"} == {f.name for f in fields(self)}
-        return env
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            out[f.metadata["env"]] = str(value)
+        return out
+
+
+def _parse(f, raw: str):
+    name, kind = f.metadata["env"], f.type
+    if kind == "int":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+        if f.metadata["minimum"] is not None and value < f.metadata["minimum"]:
+            raise SettingsError(f"{name}={value} must be at least {f.metadata['minimum']}")
+        return value
+    if kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise SettingsError(f"{name}={raw!r}: use true or false")
+    if kind == "tuple[str, ...]":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind == "Path":
+        return Path(raw)
+    return raw.lower() if name == "CLICKLOOP_LOG_LEVEL" else raw

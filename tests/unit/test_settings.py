@@ -1,0 +1,44 @@
+"""Settings from the environment: defaults, parsing, and the errors that say what to fix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.settings import Settings, SettingsError
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert (s.kafka_bootstrap, s.redis_url, s.partitions, s.session_gap_ms) == \
+        ("127.0.0.1:9092", "redis://127.0.0.1:6379/0", 4, 1_800_000)
+    assert s.require_write_key and s.anonymize_ip and s.write_keys == ()
+
+
+@pytest.mark.parametrize("env,attr,value", [
+    ({"CLICKLOOP_PARTITIONS": "12"}, "partitions", 12),
+    ({"CLICKLOOP_WRITE_KEYS": "a, b,,c"}, "write_keys", ("a", "b", "c")),
+    ({"CLICKLOOP_ANONYMIZE_IP": "off"}, "anonymize_ip", False),
+    ({"CLICKLOOP_STATE_DIR": "/tmp/x"}, "state_dir", Path("/tmp/x")),
+    ({"CLICKLOOP_LOG_LEVEL": "DEBUG"}, "log_level", "debug"),
+])
+def test_parsing(env, attr, value):
+    assert getattr(Settings.from_env(env), attr) == value
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"CLICKLOOP_PARTITIONS": "many"}, "CLICKLOOP_PARTITIONS='many' is not a whole number"),
+    ({"CLICKLOOP_PARTITIONS": "0"}, "must be at least 1"),
+    ({"CLICKLOOP_ANONYMIZE_IP": "maybe"}, "use true or false"),
+    ({"CLICKLOOP_REDIS_URL": "localhost:6379"}, "must start with redis://"),
+    ({"CLICKLOOP_LOG_LEVEL": "loud"}, "CLICKLOOP_LOG_LEVEL"),
+])
+def test_errors_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        Settings.from_env(env)
+
+
+def test_as_env_round_trips():
+    s = Settings.from_env({"CLICKLOOP_WRITE_KEYS": "k1,k2", "CLICKLOOP_PREFIX": "p.",
+                           "CLICKLOOP_REQUIRE_WRITE_KEY": "false"})
+    assert Settings.from_env(s.as_env()) == s
