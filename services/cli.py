@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -19,11 +20,38 @@ import time
 from services.settings import Settings, SettingsError
 
 
+def _write_key_file(settings: Settings):
+    return settings.state_dir / "write_key"
+
+
+def _local_write_key(settings: Settings, create: bool) -> str | None:
+    """The write key of local runs: CLICKLOOP_WRITE_KEYS' first, else the one
+    `clickloop up` generated once and kept in <state_dir>/write_key."""
+    if settings.write_keys:
+        return settings.write_keys[0]
+    path = _write_key_file(settings)
+    if path.exists():
+        return path.read_text().strip() or None
+    if not create:
+        return None
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "wk_" + secrets.token_urlsafe(18)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
 def _serve(service: str, settings: Settings) -> None:
     from aiohttp import web
 
     if service == "collector":
-        from services.collector.app import make_app
+        from services.collector.app import check, make_app
+        try:
+            check(settings)
+        except SettingsError as exc:
+            raise SystemExit(f"clickloop: configuration error: {exc}") from None
         host, port = settings.collector_host, settings.collector_port
     elif service == "recommender":
         from services.recommender.app import make_app
@@ -38,6 +66,8 @@ def _up(settings: Settings) -> int:
     from services import infra
     from streams.topics import ensure_topics
 
+    if settings.require_write_key and not settings.write_keys:
+        settings = dataclasses.replace(settings, write_keys=(_local_write_key(settings, create=True),))
     started = infra.start_all(settings)
     for svc in started:
         print(f"started {svc.name} on {svc.host}:{svc.port} (log {svc.log})", flush=True)
@@ -53,6 +83,7 @@ def _up(settings: Settings) -> int:
     print(f"""
 clickloop is up
   collector    http://{settings.collector_host}:{settings.collector_port}/v1/batch
+  write key    {settings.write_keys[0] if settings.write_keys else "(none required)"}  (HTTP Basic user name)
   recommender  http://{settings.recommender_host}:{settings.recommender_port}/v1/recommendations?user_id=...&k=5
   kafka        {settings.kafka_bootstrap}
   redis        {settings.redis_url}
@@ -97,11 +128,16 @@ async def _demo(settings: Settings, events: int | None, rate: float, visitors: i
     from services.demo import Traffic
 
     url = f"http://{settings.collector_host}:{settings.collector_port}/v1/batch"
+    key = _local_write_key(settings, create=False)
+    if key is None and settings.require_write_key:
+        raise SystemExit("clickloop demo: no write key: set CLICKLOOP_WRITE_KEYS, or start the "
+                         f"collector with `clickloop up` (it keeps one in {_write_key_file(settings)})")
+    auth = aiohttp.BasicAuth(key, "") if key else None
     traffic = Traffic(seed=int(time.time()), visitors=visitors)
     history_ms = int(history_hours * 3_600_000)
     stream = traffic.stream(int(time.time() * 1000) - history_ms, spread_ms=history_ms)
     sent, t0 = 0, time.monotonic()
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(auth=auth) as http:
         while events is None or sent < events:
             n = batch_size if events is None else min(batch_size, events - sent)
             batch = []

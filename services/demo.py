@@ -46,12 +46,20 @@ class Traffic:
     def _event(self, visitor: int, ts: int, kind: str, name: str | None, path: str,
                referrer: str, props: dict) -> dict:
         known = visitor % 3 != 0  # a third of visitors never log in
+        # As analytics.js fills it: path without the query, search with it, UTM tags in campaign.
+        bare, _, query = path.partition("?")
+        page = {"url": self.host + path, "path": bare, "referrer": referrer}
+        context: dict = {"ip": f"203.0.113.{visitor % 250}", "userAgent": USER_AGENTS[visitor % 3],
+                         "page": page}
+        if query:
+            page["search"] = "?" + query
+            context["campaign"] = {k.removeprefix("utm_").replace("campaign", "name"): v
+                                   for k, v in (kv.split("=", 1) for kv in query.split("&"))
+                                   if k.startswith("utm_")}
         event = {
             "type": kind, "messageId": str(uuid.UUID(int=self.rng.getrandbits(128))),
             "anonymousId": f"anon-{visitor:05d}", "timestamp": iso(ts),
-            "context": {"ip": f"203.0.113.{visitor % 250}", "userAgent": USER_AGENTS[visitor % 3],
-                        "page": {"url": self.host + path, "path": path, "referrer": referrer}},
-            "properties": props,
+            "context": context, "properties": props,
         }
         if known:
             event["userId"] = f"user-{visitor:05d}"

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ENRICHMENT_BYTES = 8192      # what the collector may add to an event (times, ip, ua, ids)
+MAX_RECORD_BYTES = 1_000_000  # Kafka's message.max.bytes default is 1,048,588
 
 
 class SettingsError(ValueError):
@@ -48,6 +50,10 @@ class Settings:
     # per partition, flushed after this many ms or events.
     linger_ms: int = _env("CLICKLOOP_LINGER_MS", 0, default=5)
     record_max_events: int = _env("CLICKLOOP_RECORD_MAX_EVENTS", 1, default=500)
+    # ... or bytes: below the broker's message.max.bytes (1 MiB by default).
+    record_max_bytes: int = _env("CLICKLOOP_RECORD_MAX_BYTES", 4096, default=512 * 1024)
+    # A request whose records Kafka has not acknowledged by then gets a 503.
+    produce_timeout_s: int = _env("CLICKLOOP_PRODUCE_TIMEOUT_S", 1, default=10)
     # Sessionizer
     session_gap_s: int = _env("CLICKLOOP_SESSION_GAP_S", 1, default=30 * 60)
     session_grace_s: int = _env("CLICKLOOP_SESSION_GRACE_S", 0, default=10 * 60)
@@ -79,6 +85,14 @@ class Settings:
                 f"CLICKLOOP_REDIS_URL={self.redis_url!r} must start with redis://, rediss:// or unix://")
         if not self.kafka_bootstrap.strip():
             raise SettingsError("CLICKLOOP_KAFKA is empty: give host:port[,host:port...]")
+        if self.record_max_bytes < self.max_event_bytes + ENRICHMENT_BYTES:
+            raise SettingsError(
+                f"CLICKLOOP_RECORD_MAX_BYTES={self.record_max_bytes} must be at least "
+                f"CLICKLOOP_MAX_EVENT_BYTES + {ENRICHMENT_BYTES} "
+                f"({self.max_event_bytes + ENRICHMENT_BYTES}), so that any accepted event fits a record")
+        if self.record_max_bytes > MAX_RECORD_BYTES:
+            raise SettingsError(f"CLICKLOOP_RECORD_MAX_BYTES={self.record_max_bytes} must be at most "
+                                f"{MAX_RECORD_BYTES} (below Kafka's default message.max.bytes)")
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}{name}"

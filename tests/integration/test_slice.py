@@ -2,6 +2,9 @@
 POST a batch → a session on `sessions` → features in Redis → GET recommendations."""
 from __future__ import annotations
 
+import base64
+import dataclasses
+
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -42,8 +45,10 @@ async def test_click_to_recommendation(settings, workers):
         # 40 minutes later: the partition's watermark passes alice's and bob's end + 30 min.
         event("carol", 45, "c1"),
     ]
-    async with TestClient(TestServer(collector_app(settings))) as collector:
-        resp = await collector.post("/v1/batch", data=orjson.dumps({"batch": batch}))
+    auth = {"Authorization": "Basic " + base64.b64encode(b"slice-key:").decode()}
+    async with TestClient(TestServer(collector_app(
+            dataclasses.replace(settings, write_keys=("slice-key",))))) as collector:
+        resp = await collector.post("/v1/batch", data=orjson.dumps({"batch": batch}), headers=auth)
         assert resp.status == 200, await resp.text()
         assert await resp.json() == {"success": True}
 

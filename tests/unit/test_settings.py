@@ -13,6 +13,9 @@ def test_defaults():
     assert (s.kafka_bootstrap, s.redis_url, s.partitions, s.session_gap_ms) == \
         ("127.0.0.1:9092", "redis://127.0.0.1:6379/0", 4, 1_800_000)
     assert s.require_write_key and s.anonymize_ip and s.write_keys == ()
+    assert (s.cookie_name, s.max_event_bytes, s.max_batch_bytes, s.linger_ms, s.record_max_events,
+            s.record_max_bytes, s.produce_timeout_s) == \
+        ("cl_anonymous_id", 32_768, 512_000, 5, 500, 524_288, 10)
 
 
 @pytest.mark.parametrize("env,attr,value", [
@@ -21,6 +24,9 @@ def test_defaults():
     ({"CLICKLOOP_ANONYMIZE_IP": "off"}, "anonymize_ip", False),
     ({"CLICKLOOP_STATE_DIR": "/tmp/x"}, "state_dir", Path("/tmp/x")),
     ({"CLICKLOOP_LOG_LEVEL": "DEBUG"}, "log_level", "debug"),
+    ({"CLICKLOOP_RECORD_MAX_BYTES": "900000"}, "record_max_bytes", 900_000),
+    ({"CLICKLOOP_PRODUCE_TIMEOUT_S": "3"}, "produce_timeout_s", 3),
+    ({"CLICKLOOP_COOKIE_NAME": "aid"}, "cookie_name", "aid"),
 ])
 def test_parsing(env, attr, value):
     assert getattr(Settings.from_env(env), attr) == value
@@ -32,6 +38,9 @@ def test_parsing(env, attr, value):
     ({"CLICKLOOP_ANONYMIZE_IP": "maybe"}, "use true or false"),
     ({"CLICKLOOP_REDIS_URL": "localhost:6379"}, "must start with redis://"),
     ({"CLICKLOOP_LOG_LEVEL": "loud"}, "CLICKLOOP_LOG_LEVEL"),
+    ({"CLICKLOOP_RECORD_MAX_BYTES": "30000"}, "CLICKLOOP_RECORD_MAX_BYTES=30000 must be at least"),
+    ({"CLICKLOOP_RECORD_MAX_BYTES": "2000000"}, "must be at most 1000000"),
+    ({"CLICKLOOP_PRODUCE_TIMEOUT_S": "0"}, "CLICKLOOP_PRODUCE_TIMEOUT_S=0 must be at least 1"),
 ])
 def test_errors_name_the_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
