@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import os
 import signal
@@ -132,12 +133,14 @@ async def _demo(settings: Settings, events: int | None, rate: float, visitors: i
     if key is None and settings.require_write_key:
         raise SystemExit("clickloop demo: no write key: set CLICKLOOP_WRITE_KEYS, or start the "
                          f"collector with `clickloop up` (it keeps one in {_write_key_file(settings)})")
-    auth = aiohttp.BasicAuth(key, "") if key else None
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
     traffic = Traffic(seed=int(time.time()), visitors=visitors)
     history_ms = int(history_hours * 3_600_000)
     stream = traffic.stream(int(time.time() * 1000) - history_ms, spread_ms=history_ms)
     sent, t0 = 0, time.monotonic()
-    async with aiohttp.ClientSession(auth=auth) as http:
+    async with aiohttp.ClientSession(headers=headers) as http:
         while events is None or sent < events:
             n = batch_size if events is None else min(batch_size, events - sent)
             batch = []
@@ -148,8 +151,7 @@ async def _demo(settings: Settings, events: int | None, rate: float, visitors: i
                 batch.append(event)
                 if len(batch) == n:
                     break
-            async with http.post(url, data=orjson.dumps({"batch": batch}),
-                                 headers={"Content-Type": "application/json"}) as resp:
+            async with http.post(url, data=orjson.dumps({"batch": batch})) as resp:
                 if resp.status != 200:
                     raise SystemExit(f"collector answered {resp.status}: {await resp.text()}")
             sent += len(batch)

@@ -22,6 +22,7 @@ from services.collector.ingest import IngestError, Parsed, Request, dlq_value, p
 from services.collector.ip import client_ip
 from services.collector.metrics import Metrics
 from services.collector.sink import ClickSink, Unavailable
+from services.collector.useragent import warm_up
 from services.settings import Settings, SettingsError
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -199,6 +200,7 @@ def make_app(settings: Settings) -> web.Application:
     app[SINK] = ClickSink(settings, app[METRICS])
 
     async def sink(app: web.Application):
+        warm_up()
         await app[SINK].start()
         yield
         await app[SINK].stop()

@@ -62,3 +62,8 @@ def parse_user_agent(ua: str) -> UserAgent:
     else:
         device = "other"
     return {"browser": browser, "os": os_, "device": device, "is_bot": is_bot}
+
+
+def warm_up() -> None:
+    """Load the regex set now (about 0.3 s) rather than in the first request."""
+    parse("Mozilla/5.0 (X11; Linux x86_64) warm-up")
