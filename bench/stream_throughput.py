@@ -1,9 +1,10 @@
 """Sessionizer throughput against a raw aiokafka consume + orjson decode loop, same data, same run.
 
-    .venv/bin/python bench/stream_throughput.py [--events N] [--request-size K]
+    .venv/bin/python bench/stream_throughput.py [--events N] [--per-record K]
 
 Produces N synthetic click events to a fresh `clicks` topic, packed as the
-collector packs them (one record per visitor per request of K events), then
+collector's micro-batching packs them under load (envelopes of K events of one
+partition), then
 measures (a) a raw aiokafka consumer decoding every record and (b) the real
 `clickloop worker sessionize` process over the same topic. The worker reports
 its own progress (events folded, seconds from its first to its latest record),
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +27,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import bench_settings, click_records, produce  # noqa: E402
+from bench._common import bench_settings, click_events, click_records, produce  # noqa: E402
 from streams import topics  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 
@@ -51,9 +53,10 @@ async def raw_loop(bootstrap: str, topic: str, n: int) -> float:
         await consumer.stop()
 
 
-def sessionizer(settings, n: int, timeout_s: float) -> float:
+def sessionizer(settings, n: int, timeout_s: float, profile: str | None = None) -> float:
     env = {**os.environ, **settings.as_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", "sessionize"],
+    spy = ["py-spy", "record", "--format", "speedscope", "-o", profile, "--"] if profile else []
+    proc = subprocess.Popen([*spy, sys.executable, "-m", "services.cli", "worker", "sessionize"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s
     tail: list[str] = []
@@ -67,26 +70,28 @@ def sessionizer(settings, n: int, timeout_s: float) -> float:
                 break
         raise SystemExit("sessionizer did not finish:\n" + "".join(tail))
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        proc.wait(timeout=30)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--request-size", type=int, default=50,
-                        help="events per collector request the records are packed from")
+    parser.add_argument("--per-record", type=int, default=100,
+                        help="events per Kafka record (the collector's micro-batch envelope)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the worker with py-spy into FILE (speedscope JSON)")
     args = parser.parse_args()
     settings = bench_settings()
     topic = settings.topic(topics.CLICKS)
     asyncio.run(ensure_topics(settings))
-    records = click_records(args.events, args.request_size)
+    records = click_records(click_events(args.events), settings.partitions, args.per_record)
     produce_s = asyncio.run(produce(settings, topic, records))
     print(f"produced {args.events} events in {len(records)} records to {topic} "
           f"({settings.partitions} partitions) in {produce_s:.1f} s", flush=True)
     raw = asyncio.run(raw_loop(settings.kafka_bootstrap, topic, args.events))
     print(f"raw aiokafka consume+decode: {raw:,.0f} events/s", flush=True)
-    sess = sessionizer(settings, args.events, timeout_s=60 + args.events / 500)
+    sess = sessionizer(settings, args.events, timeout_s=60 + args.events / 500, profile=args.profile)
     print(f"sessionizer worker: {sess:,.0f} events/s", flush=True)
     print(f"events={args.events} sessionizer_eps={sess:.0f} raw_eps={raw:.0f} ratio={sess / raw:.3f}")
 

@@ -1,4 +1,8 @@
-"""The `sessions` topic: one record per closed session, keyed by visitor."""
+"""The `sessions` topic: one record per closed session, keyed by visitor.
+
+Written by the sessionizer inside Kafka transactions: read it with
+isolation_level=read_committed. Times are epoch milliseconds, UTC.
+"""
 from __future__ import annotations
 
 from typing import TypedDict
@@ -22,4 +26,8 @@ class Session(TypedDict):
     landing_page: str | None
     exit_page: str | None
     referrer: str | None
-    items: list[str]            # item ids the visitor viewed, in order, unique
+    utm: dict[str, str]         # source, medium, campaign, term, content of the landing event
+    device: str                 # desktop | mobile | tablet | bot | other (first event's)
+    items: list[str]            # item ids viewed or clicked, in order of first sight, unique
+    session_index: int          # 1 for the visitor's first session, then 2, 3, ...
+    previous_session_id: str | None

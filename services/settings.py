@@ -58,6 +58,8 @@ class Settings:
     session_gap_s: int = _env("CLICKLOOP_SESSION_GAP_S", 1, default=30 * 60)
     session_grace_s: int = _env("CLICKLOOP_SESSION_GRACE_S", 0, default=10 * 60)
     session_max_s: int = _env("CLICKLOOP_SESSION_MAX_S", 1, default=24 * 3600)
+    # Stream processors commit outputs, state and position every this many ms.
+    checkpoint_ms: int = _env("CLICKLOOP_CHECKPOINT_MS", 10, default=1000)
     state_dir: Path = _env("CLICKLOOP_STATE_DIR", default=REPO_ROOT / ".state")
     log_level: str = _env("CLICKLOOP_LOG_LEVEL", default="info")
 

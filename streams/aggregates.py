@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from schemas.clicks import ClickEvent, visitor_key
 from schemas.sessions import Session
+from streams.codec import event_problem
 from streams.sessions import item_of
 
 
@@ -22,6 +23,8 @@ class FeatureDelta:
 
     def add_clicks(self, events: list[ClickEvent]) -> "FeatureDelta":
         for event in events:
+            if event_problem(event):
+                continue  # the sessionizer dead-letters it, with the reason
             visitor = visitor_key(event)
             self.user_events[visitor] += 1
             ts = event["timestamp"]

@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.settings import Settings
 from streams.meter import Meter
@@ -22,10 +23,25 @@ log = logging.getLogger("clickloop.streams")
 Builder = Callable[[faust.App, Settings, Meter], None]
 
 
+class _ReadCommittedThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport):
+        consumer = super()._create_worker_consumer(transport)
+        # Faust reads read_committed only in its own exactly_once mode; clickloop's
+        # processors write their outputs in transactions (streams/txstate.py), so
+        # every reader must skip aborted ones. aiokafka reads this in start().
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+
+class ReadCommittedConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ReadCommittedThread(self, loop=self.loop, beacon=self.beacon)
+
+
 def make_app(settings: Settings, processor: str) -> faust.App:
     datadir = settings.state_dir / "faust" / f"{settings.prefix}{processor}"
     datadir.parent.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    app = faust.App(
         f"{settings.prefix}clickloop-{processor}",
         broker=f"kafka://{settings.kafka_bootstrap.replace(',', ';kafka://')}",
         store="memory://",          # tables are rebuilt from their changelog topics
@@ -35,10 +51,19 @@ def make_app(settings: Settings, processor: str) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_commit_every=1000,
         broker_commit_interval=1.0,
+        # Processors ack an event only once its effects are committed
+        # (streams/txstate.py), so on stop or rebalance there is nothing to wait
+        # for: records not yet acked are replayed and skipped by their offset.
+        stream_wait_empty=False,
+        # Records are envelopes of up to hundreds of events: fetch big.
+        consumer_max_fetch_size=8 * 1024 * 1024,
+        stream_buffer_maxsize=16384,
         web_enabled=False,
         datadir=str(datadir),
         loghandlers=[],
     )
+    app.transport.Consumer = ReadCommittedConsumer
+    return app
 
 
 def processors() -> dict[str, Builder]:

@@ -12,21 +12,29 @@ class BadRecord(ValueError):
 
 
 def decode_clicks(value: bytes | None) -> list[ClickEvent]:
-    """A `clicks` record (ClickBatch) to its events; checks what processors rely on."""
+    """A `clicks` record (ClickBatch) to its events.
+
+    Only the envelope is checked here; each event is checked by `event_problem`
+    where it is used, so one bad event goes to the DLQ alone, not its envelope.
+    """
     try:
         batch = orjson.loads(value) if value is not None else None
     except orjson.JSONDecodeError as exc:
         raise BadRecord(f"not JSON: {exc}") from None
     if not isinstance(batch, dict) or not isinstance(batch.get("events"), list):
         raise BadRecord('not a ClickBatch: expected an object with an "events" array')
-    for i, event in enumerate(batch["events"]):
-        if not isinstance(event, dict) or not isinstance(event.get("timestamp"), int) \
-                or not event.get("message_id") or not isinstance(event.get("context"), dict) \
-                or not isinstance(event.get("properties"), dict) \
-                or not (event.get("user_id") or event.get("anonymous_id")):
-            raise BadRecord(f"events[{i}] lacks an integer timestamp, a message_id, a visitor id, "
-                            f"a context or properties object")
     return batch["events"]
+
+
+def event_problem(event) -> str | None:
+    """Why a `clicks` event cannot be processed, or None when it can."""
+    if not isinstance(event, dict):
+        return "event is not a JSON object"
+    if type(event.get("timestamp")) is not int or not isinstance(event.get("message_id"), str) \
+            or not event["message_id"] or not isinstance(event.get("type"), str) \
+            or not isinstance(event.get("user_id") or event.get("anonymous_id"), str):
+        return "event lacks an integer timestamp, a message_id, a type or a user_id/anonymous_id"
+    return None
 
 
 def decode_session(value: bytes | None) -> Session:

@@ -19,8 +19,11 @@ CLICKS_DLQ = "clicks.dlq"
 CLICKS_LATE = "clicks.late"
 SESSIONS = "sessions"
 SESSIONS_DLQ = "sessions.dlq"
+# Changelog of the sessionizer's state (compacted; see streams/txstate.py).
+SESSIONIZE_STATE = "clickloop-sessionize-state"
 
-ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ)
+ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE)
+COMPACTED = frozenset({SESSIONIZE_STATE})
 
 
 async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> None:
@@ -30,7 +33,8 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(settings.topic(n), settings.partitions, 1)
+        wanted = [NewTopic(settings.topic(n), settings.partitions, 1,
+                           topic_configs={"cleanup.policy": "compact"} if n in COMPACTED else {})
                   for n in names if settings.topic(n) not in existing]
         if wanted:
             try:

@@ -13,9 +13,13 @@ T = TypeVar("T")
 
 async def read_topic(bootstrap: str, topic: str, until: Callable[[list[dict]], bool],
                      timeout_s: float = 60) -> list[dict]:
-    """JSON values of `topic` from the start, until `until(values)` holds."""
+    """JSON values of `topic` from the start, until `until(values)` holds.
+
+    Reads committed records only, as every consumer of clickloop's transactional
+    outputs must."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
+                                enable_auto_commit=False, group_id=None,
+                                isolation_level="read_committed")
     await consumer.start()
     values: list[dict] = []
     deadline = time.monotonic() + timeout_s

@@ -1,4 +1,4 @@
-"""Session rules of streams.sessions, as tables of cases."""
+"""Session rules of streams.sessions, as tables of cases (gap 30 min, grace 10 min, max 24 h)."""
 from __future__ import annotations
 
 import fastjsonschema
@@ -6,113 +6,188 @@ import orjson
 import pytest
 
 from schemas import json_schema
-from streams.sessions import OpenSession, PartitionSessions
+from streams.sessions import PartitionSessions, SessionConfig, VisitorState, session_id, utm_of
 
 MIN = 60_000
-GAP = 30 * MIN
+CFG = SessionConfig(gap_ms=30 * MIN, grace_ms=10 * MIN, max_ms=24 * 60 * MIN)
 
 
 def ev(visitor: str, minute: float, mid: str | None = None, kind: str = "track",
        name: str | None = "Product Viewed", path: str | None = None, item: str | None = None,
-       referrer: str = "") -> dict:
-    page = {"path": path, "referrer": referrer} if path else {}
+       referrer: str = "", user: str | None = None, device: str | None = None,
+       url: str | None = None, campaign: dict | None = None) -> dict:
+    context: dict = {}
+    if path or url:
+        context["page"] = {k: v for k, v in (("path", path), ("url", url),
+                                             ("referrer", referrer)) if v}
+    if device:
+        context["ua"] = {"browser": "Chrome", "os": "Linux", "device": device, "is_bot": False}
+    if campaign:
+        context["campaign"] = campaign
     return {
-        "message_id": mid or f"{visitor}-{minute}-{name}", "type": kind,
+        "message_id": mid or f"{visitor}-{minute}-{name}-{user}", "type": kind,
         "event": name if kind == "track" else None,
-        "user_id": visitor if visitor.startswith("u") else None,
+        "user_id": user if user is not None else (visitor if visitor.startswith("u") else None),
         "anonymous_id": visitor if visitor.startswith("a") else "anon-x",
         "timestamp": int(minute * MIN), "received_at": int(minute * MIN),
-        "context": {"page": page} if page else {},
-        "properties": {"item_id": item} if item else {},
+        "context": context, "properties": {"item_id": item} if item else {},
     }
 
 
-def run(events: list[dict]) -> tuple[list[dict], list[dict], PartitionSessions]:
-    """Feed events one record each; return closed sessions, late events and the state."""
-    part, closed, late = PartitionSessions(GAP), [], []
-    for event in events:
-        out = part.process([event])
+def run(events: list[dict], cfg: SessionConfig = CFG):
+    """Feed events one record each; return closed sessions, late events, duplicates, state."""
+    part, closed, late, dups = PartitionSessions(cfg), [], [], 0
+    for offset, event in enumerate(events):
+        out = part.process([event], offset + 1)
         closed += out.closed
-        late += out.late
-    return closed, late, part
+        late += [e for e, _ in out.late]
+        dups += out.duplicates
+    return closed, late, dups, part
 
 
-# (reason, events as (visitor, minute), expected closed sessions as (visitor, start, end, count))
+def spans(closed):
+    return [(s["visitor"], s["start"] / MIN, s["end"] / MIN, s["event_count"]) for s in closed]
+
+
+# (reason, events as (visitor, minute), closed sessions as (visitor, start, end, count), late minutes)
 CASES = [
-    ("one event stays open until the watermark passes end + gap",
-     [("u1", 0)], []),
-    ("another visitor's later event closes an idle visitor's session",
-     [("u1", 0), ("u1", 5), ("u2", 35)], [("u1", 0, 5, 2)]),
+    ("one event stays open until the watermark passes end + gap + grace",
+     [("u1", 0), ("u2", 39)], [], []),
+    ("the watermark reaching end + gap + grace closes an idle visitor",
+     [("u1", 0), ("u1", 5), ("u2", 45)], [("u1", 0, 5, 2)], []),
     ("a gap one ms short of 30 min keeps the session",
-     [("u1", 0), ("u1", 30 - 1 / MIN), ("u2", 200)], [("u1", 0, 30 - 1 / MIN, 2)]),
+     [("u1", 0), ("u1", 30 - 1 / MIN), ("u2", 200)], [("u1", 0, 30 - 1 / MIN, 2)], []),
     ("a gap of exactly 30 min starts a new session (half-open windows)",
-     [("u1", 0), ("u1", 30)], [("u1", 0, 0, 1)]),
+     [("u1", 0), ("u1", 30), ("u2", 200)], [("u1", 0, 0, 1), ("u1", 30, 30, 1)], []),
     ("out of order within the gap joins the open session and moves its start",
-     [("u1", 10), ("u1", 2), ("u2", 100)], [("u1", 2, 10, 2)]),
-    ("the watermark closes several idle visitors at once, in expiry order",
-     [("u1", 0), ("a2", 3), ("u3", 60)], [("u1", 0, 0, 1), ("a2", 3, 3, 1)]),
-    ("watermark exactly at end + gap closes",
-     [("u1", 0), ("u2", 30)], [("u1", 0, 0, 1)]),
+     [("u1", 10), ("u1", 2), ("u2", 100)], [("u1", 2, 10, 2)], []),
+    ("a late event within grace still joins its open session",
+     [("u1", 0), ("u2", 35), ("u1", 3), ("u2", 100)], [("u1", 0, 3, 2), ("u2", 35, 35, 1)], []),
+    ("a late event bridging two open sessions merges them",
+     [("u1", 0), ("u1", 35), ("u1", 20), ("u2", 200)], [("u1", 0, 35, 3)], []),
+    ("an event older than the grace is late, not a new session",
+     [("u1", 100), ("u2", 150), ("u1", 105)], [("u1", 100, 100, 1)], [105]),
+    ("an event later than the grace for a fresh visitor is late too",
+     [("u1", 100), ("u3", 50)], [], [50]),
+    ("the boundary: exactly gap + grace behind the watermark is late",
+     [("u1", 100), ("u2", 140)], [("u1", 100, 100, 1)], []),
+    ("the watermark closes several idle visitors, each once",
+     [("u1", 0), ("a2", 3), ("u3", 100)], [("u1", 0, 0, 1), ("a2", 3, 3, 1)], []),
 ]
 
 
-@pytest.mark.parametrize("reason,events,expected", CASES, ids=[c[0] for c in CASES])
-def test_session_rules(reason, events, expected):
-    closed, late, _ = run([ev(v, m) for v, m in events])
-    assert [(s["visitor"], s["start"], s["end"], s["event_count"]) for s in closed] == \
-        [(v, int(a * MIN), int(b * MIN), n) for v, a, b, n in expected], reason
+@pytest.mark.parametrize("reason,events,expected,late_minutes", CASES, ids=[c[0] for c in CASES])
+def test_session_rules(reason, events, expected, late_minutes):
+    closed, late, _, _ = run([ev(v, m) for v, m in events])
+    assert spans(closed) == expected, reason
+    assert [e["timestamp"] / MIN for e in late] == late_minutes, reason
+
+
+def test_late_boundary_exactly_at_gap_plus_grace():
+    # Watermark 140: an event at 100 is exactly gap + grace behind it.
+    _, late, _, _ = run([ev("u2", 140), ev("u1", 100)])
+    assert [e["timestamp"] for e in late] == [100 * MIN]
+    _, late, _, _ = run([ev("u2", 140), ev("u1", 100 + 1 / MIN)])
     assert late == []
 
 
-def test_duplicate_message_id_is_counted_once():
-    closed, _, _ = run([ev("u1", 0, mid="m1"), ev("u1", 1, mid="m1"), ev("u2", 99)])
-    assert closed[0]["event_count"] == 1
+def test_duplicates_are_counted_once_even_out_of_order():
+    closed, _, dups, _ = run([ev("u1", 0, mid="m1"), ev("u1", 5, mid="m2"),
+                              ev("u1", 1, mid="m1"), ev("u2", 99)])
+    assert (closed[0]["event_count"], dups) == (2, 1)
 
 
-def test_event_older_than_a_closed_session_is_late_not_reopened():
-    closed, late, part = run([ev("u1", 0), ev("u2", 100), ev("u1", 10)])
-    assert [s["visitor"] for s in closed] == ["u1"]
-    assert [e["timestamp"] for e in late] == [10 * MIN]
-    assert "u1" not in part.open
+def test_max_duration_starts_a_new_session():
+    cfg = SessionConfig(gap_ms=30 * MIN, grace_ms=0, max_ms=60 * MIN)
+    events = [ev("u1", m) for m in range(0, 100, 20)] + [ev("u2", 500)]
+    closed, _, _, _ = run(events, cfg)
+    # 0, 20, 40 fit in an hour; 60 would make it 60 min long: new session 60, 80.
+    assert spans(closed) == [("u1", 0, 40, 3), ("u1", 60, 80, 2)]
+
+
+def test_bridging_merge_that_would_exceed_max_joins_the_earlier_session():
+    cfg = SessionConfig(gap_ms=30 * MIN, grace_ms=30 * MIN, max_ms=40 * MIN)
+    closed, _, _, _ = run([ev("u1", 0), ev("u1", 45), ev("u1", 25), ev("u2", 500)], cfg)
+    assert spans(closed) == [("u1", 0, 25, 2), ("u1", 45, 45, 1)]
+
+
+def test_identity_change_starts_a_new_session():
+    # An anonymous visitor logs in (a user_id appears with the same anonymous id):
+    # the visitor key changes, so the logged-in events are a session of their own.
+    events = [ev("a1", 0), ev("a1", 1), ev("a1", 2, user="alice"), ev("a1", 3, user="alice"),
+              ev("u9", 200)]
+    closed, _, _, _ = run(events)
+    assert [(s["visitor"], s["user_id"], s["anonymous_id"], s["event_count"]) for s in closed] == \
+        [("a1", None, "a1", 2), ("alice", "alice", "a1", 2)]
+
+
+def test_session_index_and_previous_session_id_chain_per_visitor():
+    closed, _, _, _ = run([ev("u1", 0), ev("u1", 60), ev("u1", 120), ev("u2", 300)])
+    assert [s["session_index"] for s in closed] == [1, 2, 3]
+    assert closed[0]["previous_session_id"] is None
+    assert [s["previous_session_id"] for s in closed[1:]] == [s["session_id"] for s in closed[:2]]
 
 
 def test_summary_fields():
     events = [
-        ev("u1", 1, kind="page", name=None, path="/home", referrer="https://google.com/"),
+        ev("u1", 1, kind="page", name=None, url="https://shop.example/home?utm_source=news&utm_medium=email",
+           path="/home", referrer="https://google.com/", device="mobile"),
         ev("u1", 2, name="Products Searched"),
-        ev("u1", 3, name="Product Viewed", path="/p/7", item="7"),
+        ev("u1", 3, name="Product Viewed", path="/p/7", item="7", device="desktop"),
         ev("u1", 4, name="Product Viewed", path="/p/8", item="8"),
-        ev("u1", 5, name="Product Clicked", path="/p/7", item="7"),
+        ev("u1", 5, name="Product Clicked", path="/p/7?x=1", item="7"),
         ev("u9", 99),
     ]
-    (s,), _, _ = run(events)
+    (s,), _, _, _ = run(events)
     assert s["counts"] == {"page": 1, "Products Searched": 1, "Product Viewed": 2, "Product Clicked": 1}
     assert (s["page_views"], s["searches"], s["items"]) == (1, 1, ["7", "8"])
     assert (s["landing_page"], s["exit_page"], s["referrer"]) == ("/home", "/p/7", "https://google.com/")
-    assert (s["duration_ms"], s["user_id"]) == (4 * MIN, "u1")
+    assert (s["utm"], s["device"]) == ({"source": "news", "medium": "email"}, "mobile")
+    assert (s["duration_ms"], s["user_id"], s["session_index"]) == (4 * MIN, "u1", 1)
+    assert s["session_id"] == session_id("u1", 1 * MIN, events[0]["message_id"])
     fastjsonschema.compile(json_schema("sessions"))(s)
+
+
+@pytest.mark.parametrize("context,utm", [
+    ({"campaign": {"source": "g", "medium": "cpc", "name": "w"}}, {"source": "g", "medium": "cpc", "campaign": "w"}),
+    ({"page": {"url": "https://x/?utm_source=a&utm_campaign=b"}}, {"source": "a", "campaign": "b"}),
+    ({"page": {"search": "?utm_term=shoes"}}, {"term": "shoes"}),
+    ({"page": {"url": "https://x/?q=1"}}, {}),
+    ({}, {}),
+])
+def test_utm(context, utm):
+    assert utm_of(context) == utm
 
 
 def test_landing_page_is_the_earliest_event_even_when_it_arrives_last():
     events = [ev("u1", 5, path="/later"), ev("u1", 1, path="/first", referrer="r"), ev("u2", 99)]
-    (s,), _, _ = run(events)
+    (s,), _, _, _ = run(events)
     assert (s["landing_page"], s["exit_page"], s["referrer"]) == ("/first", "/later", "r")
 
 
+def test_merged_session_equals_the_session_of_the_same_events_in_order():
+    bridged, _, _, _ = run([ev("u1", 0, path="/a", item="1"), ev("u1", 35, path="/c", item="3"),
+                            ev("u1", 20, path="/b", item="2"), ev("u2", 300)])
+    ordered, _, _, _ = run([ev("u1", 0, path="/a", item="1"), ev("u1", 20, path="/b", item="2"),
+                            ev("u1", 35, path="/c", item="3"), ev("u2", 300)])
+    assert bridged == ordered
+
+
 def test_session_id_is_deterministic_and_order_independent():
-    a, _, _ = run([ev("u1", 0), ev("u1", 3), ev("u2", 99)])
-    b, _, _ = run([ev("u1", 3), ev("u1", 0), ev("u2", 99)])
-    assert a[0]["session_id"] == b[0]["session_id"]
-    c, _, _ = run([ev("u1", 1), ev("u1", 3), ev("u2", 99)])
-    assert c[0]["session_id"] != a[0]["session_id"]
+    a, _, _, _ = run([ev("u1", 0), ev("u1", 3), ev("u2", 99)])
+    b, _, _, _ = run([ev("u1", 3), ev("u1", 0), ev("u2", 99)])
+    c, _, _, _ = run([ev("u1", 1), ev("u1", 3), ev("u2", 99)])
+    assert a[0]["session_id"] == b[0]["session_id"] != c[0]["session_id"]
 
 
 def test_state_round_trip_resumes_identically():
-    """What the Faust table stores is enough to resume after a restart."""
-    first, _, part = run([ev("u1", 0), ev("u1", 4), ev("a2", 2)])
-    restored = PartitionSessions(GAP, {v: OpenSession.from_state(orjson.loads(orjson.dumps(s.to_state())))
-                                       for v, s in part.open.items()}, part.watermark)
-    tail = [ev("u1", 6), ev("u3", 80)]
-    expected = part.process(tail).closed
-    assert restored.process(tail).closed == expected
-    assert {s["visitor"] for s in expected} == {"u1", "a2"}
+    """What the changelog stores (JSON) is enough to resume after a crash."""
+    _, _, _, part = run([ev("u1", 0), ev("u1", 4), ev("a2", 25), ev("u1", 60)])
+    restored = PartitionSessions(CFG, {
+        v: VisitorState.from_state(orjson.loads(orjson.dumps(s.to_state())))
+        for v, s in part.visitors.items()}, **part.meta())
+    tail = [ev("u1", 66), ev("u3", 200)]
+    expected = part.process(tail, 10).closed
+    assert restored.process(tail, 10).closed == expected
+    assert [(s["visitor"], s["session_index"]) for s in expected] == [("a2", 1), ("u1", 2)]
+    assert restored.next_offset == 10
