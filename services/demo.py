@@ -8,11 +8,17 @@ and runs faster than the wall clock until it catches up, so sessions close
 """
 from __future__ import annotations
 
+import itertools
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator
+
+import orjson
+
+from schemas.clicks import SCHEMA_VERSION, partition_of, visitor_key
 
 REFERRERS = ["https://www.google.com/", "https://news.ycombinator.com/", "https://t.co/x",
              "", "", "https://www.bing.com/"]
@@ -118,3 +124,37 @@ class Traffic:
             while pending and pending[0][0] <= queue[0][0]:
                 ts, _, event = heapq.heappop(pending)
                 yield ts, event
+
+
+def click_events(n: int, seed: int = 1) -> list[dict]:
+    """n synthetic `clicks` events (as the collector emits them), in event-time order."""
+    now = int(time.time() * 1000)
+    history = 24 * 3_600_000
+    traffic = Traffic(seed=seed, visitors=max(1000, n // 40))
+    from services.collector.ingest import to_click  # the collector's own mapping
+
+    return [to_click(raw, now) for _, raw in itertools.islice(
+        traffic.stream(now - history, spread_ms=history), n)]
+
+
+def click_records(events: list[dict], partitions: int,
+                  per_record: int) -> list[tuple[int, bytes | None, bytes]]:
+    """(partition, key, value) records packing `per_record` events of one partition
+    each, as the collector's micro-batching packs them under load (schemas/clicks.py)."""
+    buffers: dict[int, list[dict]] = {}
+    records = []
+
+    def flush(partition: int) -> None:
+        batch = buffers.pop(partition)
+        visitors = {visitor_key(e) for e in batch}
+        key = visitors.pop().encode() if len(visitors) == 1 else None
+        records.append((partition, key, orjson.dumps({"v": SCHEMA_VERSION, "events": batch})))
+
+    for event in events:
+        partition = partition_of(visitor_key(event), partitions)
+        buffers.setdefault(partition, []).append(event)
+        if len(buffers[partition]) >= per_record:
+            flush(partition)
+    for partition in list(buffers):
+        flush(partition)
+    return records

@@ -60,6 +60,12 @@ class Settings:
     session_max_s: int = _env("CLICKLOOP_SESSION_MAX_S", 1, default=24 * 3600)
     # Stream processors commit outputs, state and position every this many ms.
     checkpoint_ms: int = _env("CLICKLOOP_CHECKPOINT_MS", 10, default=1000)
+    # Static group membership (KIP-345): a worker restarted with the same id
+    # takes its partitions back at once, without a rebalance. Give each worker
+    # process its own stable id (e.g. the pod name); empty: dynamic membership.
+    instance_id: str = _env("CLICKLOOP_INSTANCE_ID", default="")
+    # How long a worker that died silently keeps its partitions.
+    session_timeout_s: int = _env("CLICKLOOP_SESSION_TIMEOUT_S", 6, default=10)
     state_dir: Path = _env("CLICKLOOP_STATE_DIR", default=REPO_ROOT / ".state")
     log_level: str = _env("CLICKLOOP_LOG_LEVEL", default="info")
 

@@ -49,6 +49,9 @@ def make_app(settings: Settings, processor: str) -> faust.App:
         topic_replication_factor=1,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
+        consumer_group_instance_id=f"{settings.instance_id}-{processor}" if settings.instance_id else None,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(1, settings.session_timeout_s // 3),
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         # Processors ack an event only once its effects are committed

@@ -35,9 +35,15 @@ class Workers:
     settings: Settings
     logdir: Path
     procs: dict = dataclasses.field(default_factory=dict)
+    starts: int = 0
+
+    def log_of(self, processor: str, start: int) -> Path:
+        return self.logdir / f"{processor}-{start}.log"
 
     def start(self, processor: str, **env: str) -> subprocess.Popen:
-        log = open(self.logdir / f"{processor}.log", "ab")
+        """Start a worker process; each start logs to its own file, `<processor>-<n>.log`."""
+        self.starts += 1
+        log = open(self.log_of(processor, self.starts), "ab")
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker", processor],
                                 env={**os.environ, **self.settings.as_env(), **env},
                                 stdout=log, stderr=subprocess.STDOUT)
