@@ -64,8 +64,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     @app.timer(settings.checkpoint_ms / 1000)
     async def checkpoint() -> None:
         async with state.lock:
-            if state.pending_events:
-                await state.checkpoint(now())
+            state.maybe_checkpoint(now())
 
     @app.agent(clicks, name="sessionize")
     async def sessionize(stream):
@@ -100,8 +99,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                          "watermark": part.watermark, "event": event}))
                 state.pending_events += len(events)
                 meter.update(len(events), now())
-                if state.due(now()):
-                    await state.checkpoint(now())
+                state.maybe_checkpoint(now())
 
     @app.on_before_shutdown.connect
     async def on_shutdown(app, **kwargs) -> None:  # noqa: ARG001
