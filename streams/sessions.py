@@ -99,7 +99,9 @@ class OpenSession:
     exit_page: str | None = None
     exit_ts: int = 0
     items: dict[str, int] = field(default_factory=dict)     # item -> first time seen
-    message_ids: set[str] = field(default_factory=set)
+    # Message ids of the session's events, for dedupe: membership is tested in
+    # the partition's `seen` set (one large set is cheaper than many small ones).
+    message_ids: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, event: ClickEvent) -> "OpenSession":
@@ -112,7 +114,7 @@ class OpenSession:
         # The hot path of the sessionizer: written for CPython speed (locals,
         # no helper calls for the common case of an event arriving in order).
         mid, ts = event["message_id"], event["timestamp"]
-        self.message_ids.add(mid)
+        self.message_ids.append(mid)
         if ts <= self.start:
             if ts < self.start:
                 self.start, self.first_message_id = ts, mid
@@ -179,7 +181,7 @@ class OpenSession:
                     for k in self.counts.keys() | other.counts.keys()},
             page_views=self.page_views + other.page_views,
             searches=self.searches + other.searches,
-            message_ids=self.message_ids | other.message_ids,
+            message_ids=self.message_ids + other.message_ids,
             items={k: min(t for t in (self.items.get(k), other.items.get(k)) if t is not None)
                    for k in self.items.keys() | other.items.keys()},
         )
@@ -206,13 +208,11 @@ class OpenSession:
             session_index=index, previous_session_id=previous)
 
     def to_state(self) -> dict:
-        state = {s: getattr(self, s) for s in self.__slots__}
-        state["message_ids"] = sorted(self.message_ids)
-        return state
+        return {s: getattr(self, s) for s in self.__slots__}
 
     @classmethod
     def from_state(cls, state: dict) -> "OpenSession":
-        return cls(**{**state, "message_ids": set(state["message_ids"])})
+        return cls(**state)
 
 
 def session_id(visitor: str, start: int, first_message_id: str) -> str:
@@ -256,39 +256,42 @@ class PartitionSessions:
     watermark: int = -1
     next_offset: int = 0
     _expiry: list[tuple[int, str]] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set)    # message ids of all open sessions
 
     def __post_init__(self) -> None:
         slack = self.config.gap_ms + self.config.grace_ms
         self._expiry = [(st.open[0].end + slack, v) for v, st in self.visitors.items() if st.open]
         heapq.heapify(self._expiry)
+        self._seen = {mid for st in self.visitors.values() for s in st.open for mid in s.message_ids}
 
     def step(self, event: ClickEvent, out: Outputs) -> None:
-        problem = event_problem(event)
-        if problem:
-            out.bad.append((event, problem))
+        try:
+            ts, mid = event["timestamp"], event["message_id"]
+            visitor = event.get("user_id") or event.get("anonymous_id")
+            ok = type(ts) is int and type(mid) is str and mid and type(visitor) is str \
+                and type(event["type"]) is str
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            out.bad.append((event, event_problem(event) or "malformed event"))
             return
-        ts, mid = event["timestamp"], event["message_id"]
-        visitor = event.get("user_id") or event["anonymous_id"]
         cfg = self.config
         state = self.visitors.get(visitor)
         if state is None:
             state = self.visitors[visitor] = VisitorState()
+        if mid in self._seen:
+            out.duplicates += 1
+            return
         sessions = state.open
         if len(sessions) == 1:  # the common case, without building lists
             session = sessions[0]
-            if mid in session.message_ids:
-                out.duplicates += 1
-                return
             if session.start - cfg.gap_ms < ts < session.end + cfg.gap_ms \
                     and max(session.end, ts) - min(session.start, ts) < cfg.max_ms:
                 session.add(event)
+                self._seen.add(mid)
                 out.touched.add(visitor)
                 if ts > self.watermark:
                     self.watermark = ts
-                return
-        for session in sessions:
-            if mid in session.message_ids:
-                out.duplicates += 1
                 return
         fits = [i for i, s in enumerate(sessions) if s.start - cfg.gap_ms < ts < s.end + cfg.gap_ms]
         session = self._place(sessions, fits, ts)
@@ -308,6 +311,7 @@ class PartitionSessions:
             heapq.heappush(self._expiry, (session.end + cfg.gap_ms + cfg.grace_ms, visitor))
         else:
             session.add(event)
+        self._seen.add(mid)
         out.touched.add(visitor)
         if ts > self.watermark:
             self.watermark = ts
@@ -356,6 +360,7 @@ class PartitionSessions:
             sessions = state.open
             while sessions and sessions[0].end + slack <= watermark:
                 session = sessions.pop(0)
+                self._seen.difference_update(session.message_ids)
                 state.closed_count += 1
                 summary = session.summary(visitor, state.closed_count, state.last_session_id)
                 state.last_session_id = summary["session_id"]
