@@ -39,6 +39,7 @@ test-unit: setup
 bench: setup
 	.venv/bin/clickloop infra start
 	$(PY) bench/stream_throughput.py
+	$(PY) bench/collector_throughput.py
 
 infra-start: setup
 	.venv/bin/clickloop infra start
