@@ -178,6 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("processor", choices=["sessionize", "features"])
     serve = sub.add_parser("serve", help="run one HTTP service")
     serve.add_argument("service", choices=["collector", "recommender"])
+    rep = sub.add_parser("replay", help="re-feed a topic range for a backfill (dry run by default)")
+    rep.add_argument("--topic", required=True, help="topic to replay, without the prefix (e.g. clicks)")
+    rep.add_argument("--from", dest="from_time", help="ISO time: first event time to replay")
+    rep.add_argument("--to", dest="to_time", help="ISO time: replay events before this time")
+    rep.add_argument("--from-offset", type=int, help="first offset (every partition)")
+    rep.add_argument("--to-offset", type=int, help="stop before this offset (every partition)")
+    rep.add_argument("--partitions", help="comma-separated partitions (default: all)")
+    rep.add_argument("--source", choices=["live", "archive"], default="live")
+    rep.add_argument("--target", required=True,
+                     help="topic:<backfill topic> or processor:<sessionize|features>")
+    rep.add_argument("--rate", type=float, help="at most this many records/s")
+    rep.add_argument("--execute", action="store_true", help="do it (default: print the plan only)")
     inf = sub.add_parser("infra", help="the local Kafka broker and Redis server")
     inf.add_argument("action", choices=["start", "stop", "status"])
     args = parser.parse_args(argv)
@@ -197,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "replay":
+        from services.replay.command import run
+        from services.replay.plan import ReplayError
+        try:
+            return asyncio.run(run(settings, args))
+        except ReplayError as exc:
+            print(f"clickloop replay: {exc}", file=sys.stderr)
+            return 2
     if args.command == "worker":
         from streams.app import run_worker
         run_worker(args.processor, settings)
