@@ -13,12 +13,12 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Iterator
 
 import orjson
 
 from schemas.clicks import SCHEMA_VERSION, partition_of, visitor_key
+from schemas.times import ms_to_iso
 
 REFERRERS = ["https://www.google.com/", "https://news.ycombinator.com/", "https://t.co/x",
              "", "", "https://www.bing.com/"]
@@ -31,8 +31,7 @@ USER_AGENTS = [
 ]
 
 
-def iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+iso = ms_to_iso
 
 
 @dataclass

@@ -16,12 +16,12 @@ from __future__ import annotations
 import base64
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Callable
 
 import orjson
 
 from schemas.clicks import EVENT_TYPES, SCHEMA_VERSION, ClickBatch, ClickEvent, visitor_key
+from schemas.times import iso_to_ms
 from services.collector.ip import anonymize_ip
 from services.collector.useragent import parse_user_agent
 
@@ -70,22 +70,12 @@ class Parsed:
     used_cookie: bool = False           # some event took its anonymous id from the cookie
 
 
-def parse_time(value: object) -> int:
-    """ISO-8601 (with `Z` or an offset; naive means UTC) to epoch milliseconds."""
-    if not isinstance(value, str):
-        raise ValueError(value)
-    moment = datetime.fromisoformat(value)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
-
-
 def _time(raw: dict, name: str) -> int | None:
     value = raw.get(name)
     if value is None:
         return None
     try:
-        return parse_time(value)
+        return iso_to_ms(value)
     except ValueError:
         raise IngestError(f"{name} {value!r} is not an ISO-8601 time") from None
 

@@ -7,7 +7,8 @@ state and passes them in; the plan decides and renders. Ranges are half-open,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+
+from schemas.times import iso_to_ms
 
 
 class ReplayError(ValueError):
@@ -52,12 +53,9 @@ class Plan:
 def parse_time(text: str) -> int:
     """ISO-8601 (naive = UTC) to epoch ms; a clear error otherwise."""
     try:
-        moment = datetime.fromisoformat(text)
+        return iso_to_ms(text)
     except ValueError:
         raise ReplayError(f"{text!r} is not an ISO-8601 time (e.g. 2026-11-25T10:00:00Z)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp() * 1000)
 
 
 def ranges(beginnings: dict[int, int], ends: dict[int, int],

@@ -12,7 +12,8 @@ from schemas import json_schema
 from schemas.clicks import ClickEvent
 from schemas.sessions import Session
 from services.collector.ingest import (IngestError, Request, by_visitor, dlq_value, event_time,
-                                       parse_request, parse_time, to_click)
+                                       parse_request, to_click)
+from schemas.times import iso_to_ms as parse_time
 
 NOW = 1_700_000_000_000
 REQ = Request(received_at=NOW, ip="198.51.100.77", new_id=lambda: "generated")
