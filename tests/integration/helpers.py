@@ -8,6 +8,8 @@ from typing import Awaitable, Callable, TypeVar
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from streams.sessions import PartitionSessions
+
 T = TypeVar("T")
 
 
@@ -45,3 +47,15 @@ async def eventually(probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not met in {timeout_s} s; last value {value!r}")
         await asyncio.sleep(0.2)
+
+
+def offline_sessions(records, cfg) -> list[dict]:
+    """The sessions a single uninterrupted run produces: the pure core, partition by partition."""
+    parts: dict[int, PartitionSessions] = {}
+    closed, offsets = [], {}
+    for partition, _, value in records:
+        offset = offsets.get(partition, 0)
+        offsets[partition] = offset + 1
+        part = parts.setdefault(partition, PartitionSessions(cfg))
+        closed += part.process(orjson.loads(value)["events"], offset + 1).closed
+    return closed

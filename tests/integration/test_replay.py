@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 
 from bench._common import produce
 from services.demo import click_events, click_records
-from streams import topics
-from tests.integration.helpers import eventually, read_topic
+from streams import sessionize, topics
+from tests.integration.helpers import eventually, offline_sessions, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -58,8 +58,6 @@ async def test_processor_rebuild_equals_a_fresh_run_and_dry_run_changes_nothing(
     await topics.ensure_topics(settings)
     records = click_records(click_events(8_000, seed=3), settings.partitions, per_record=40)
     await produce(settings, settings.topic(topics.CLICKS), records)
-    from tests.integration.test_sessionize import offline_sessions
-    from streams import sessionize
     expected = offline_sessions(records, sessionize.config(settings))
 
     first = await run_until_done(settings, workers, len(expected))
