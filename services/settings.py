@@ -68,6 +68,19 @@ class Settings:
     session_timeout_s: int = _env("CLICKLOOP_SESSION_TIMEOUT_S", 6, default=10)
     state_dir: Path = _env("CLICKLOOP_STATE_DIR", default=REPO_ROOT / ".state")
     log_level: str = _env("CLICKLOOP_LOG_LEVEL", default="info")
+    # Archive (streams/archive.py): topics to Parquet, exactly once. URI of a
+    # pyarrow filesystem (local folder, s3://, hdfs://, gs://); empty:
+    # <state_dir>/archive.
+    archive_uri: str = _env("CLICKLOOP_ARCHIVE_URI", default="")
+    archive_topics: tuple[str, ...] = _env("CLICKLOOP_ARCHIVE_TOPICS", default=("clicks", "sessions"))
+    # A partition's buffer becomes files at this many rows or input bytes ...
+    archive_max_rows: int = _env("CLICKLOOP_ARCHIVE_MAX_ROWS", 1, default=200_000)
+    archive_max_bytes: int = _env("CLICKLOOP_ARCHIVE_MAX_BYTES", 1024, default=128 * 1024 * 1024)
+    # ... or once its oldest record waited this long (also when the partition is idle).
+    archive_interval_s: int = _env("CLICKLOOP_ARCHIVE_INTERVAL_S", 1, default=60)
+    # Hour partition by `event` time (clicks: timestamp, sessions: start) or Kafka
+    # `record` time; per topic with `<topic>=event|record|<field>`, comma-separated.
+    archive_time: str = _env("CLICKLOOP_ARCHIVE_TIME", default="event")
 
     @property
     def session_gap_ms(self) -> int:
@@ -98,9 +111,21 @@ class Settings:
                 f"CLICKLOOP_RECORD_MAX_BYTES={self.record_max_bytes} must be at least "
                 f"CLICKLOOP_MAX_EVENT_BYTES + {ENRICHMENT_BYTES} "
                 f"({self.max_event_bytes + ENRICHMENT_BYTES}), so that any accepted event fits a record")
+        if not self.archive_topics:
+            raise SettingsError("CLICKLOOP_ARCHIVE_TOPICS is empty: name the topics to archive, "
+                                "e.g. clicks,sessions")
+        try:
+            _archive_time_rules(self.archive_time)
+        except ValueError as exc:
+            raise SettingsError(f"CLICKLOOP_ARCHIVE_TIME={self.archive_time!r}: {exc}") from None
         if self.record_max_bytes > MAX_RECORD_BYTES:
             raise SettingsError(f"CLICKLOOP_RECORD_MAX_BYTES={self.record_max_bytes} must be at most "
                                 f"{MAX_RECORD_BYTES} (below Kafka's default message.max.bytes)")
+
+    @property
+    def archive_root(self) -> str:
+        """Where the archive lives: CLICKLOOP_ARCHIVE_URI, else <state_dir>/archive."""
+        return self.archive_uri or str(self.state_dir / "archive")
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -143,3 +168,9 @@ def _parse(f, raw: str):
     if kind == "Path":
         return Path(raw)
     return raw.lower() if name == "CLICKLOOP_LOG_LEVEL" else raw
+
+
+def _archive_time_rules(spec: str) -> dict[str, str]:
+    from streams.archive_layout import parse_time_rules  # pure, no heavy imports
+
+    return parse_time_rules(spec)
