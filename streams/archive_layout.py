@@ -1,0 +1,172 @@
+"""Where archived records go and how a restart resumes: pure functions, no I/O.
+
+Layout (hive partitioning, readable as-is by DuckDB, pandas and Spark):
+
+    <root>/topic=<topic>/date=YYYY-MM-DD/hour=HH/<partition>-<first>-<last>.parquet
+
+One *flush* of a partition archives a contiguous range of its Kafka offsets
+[first, last]; its rows are split by the hour of their event time (UTC) into one
+file per hour, and every file of that flush carries the flush's range in its
+name. Ranges of different flushes never overlap, so a name says which offsets a
+file may hold, and a reader (or a replay) never sees a record twice.
+
+A file is written under a temporary name (`.<name>.tmp`: a leading dot and no
+`.parquet` suffix, so Spark, Hadoop and `*.parquet` globs skip it), made
+durable, renamed, and only then are the flush's offsets acked to Faust. After a
+crash, `plan_recovery` decides from the files on disk and the group's committed
+offset what to delete and which offsets are already archived.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+HOUR_MS = 3_600_000
+SUFFIX = ".parquet"
+TEMP_SUFFIX = ".parquet.tmp"
+_NAME = re.compile(r"^(\.?)(\d+)-(\d+)-(\d+)(\.parquet|\.parquet\.tmp)$")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def hour_of(ms: int) -> int:
+    """Hours since the epoch (UTC) of an epoch-ms time; floor, also before 1970."""
+    return ms // HOUR_MS
+
+
+def hour_dir(hour: int) -> str:
+    """`date=YYYY-MM-DD/hour=HH` of an hour since the epoch."""
+    t = _EPOCH + dt.timedelta(hours=hour)
+    return f"date={t:%Y-%m-%d}/hour={t:%H}"
+
+
+def topic_dir(topic: str) -> str:
+    return f"topic={topic}"
+
+
+@dataclass(frozen=True, order=True)
+class FileRange:
+    """The offsets [first, last] of one partition that one flush archived."""
+
+    partition: int
+    first: int
+    last: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.partition}-{self.first}-{self.last}{SUFFIX}"
+
+    @property
+    def temp_name(self) -> str:
+        return f".{self.partition}-{self.first}-{self.last}{TEMP_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    path: str
+    range: FileRange
+    temp: bool
+
+
+def parse(path: str) -> ArchivedFile | None:
+    """The archive file at `path`, or None when the name is not one of ours."""
+    base = path.rsplit("/", 1)[-1]
+    m = _NAME.match(base)
+    if m is None:
+        return None
+    dot, partition, first, last, suffix = m.groups()
+    temp = suffix == TEMP_SUFFIX
+    if temp != (dot == "."):
+        return None
+    return ArchivedFile(path, FileRange(int(partition), int(first), int(last)), temp)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    delete: tuple[str, ...]     # temp leftovers and files of flushes never committed
+    archived_through: int       # records at or below this offset are archived: skip them (-1: none)
+
+
+def plan_recovery(partition: int, paths: list[str], committed: int) -> Recovery:
+    """What to do with one partition's files when its first record arrives after a (re)start.
+
+    `committed` is the group's committed offset for the partition (the next offset
+    it will read; the partition's beginning offset when nothing was committed).
+    Offsets are acked only after every file of a flush is renamed, and Faust
+    commits only acked offsets, so:
+
+    - a flush whose first offset is >= committed was never committed: its files
+      (possibly only some of them, renamed before a crash) are deleted, and its
+      records, which Kafka redelivers, are written again;
+    - a flush whose first offset is below committed is complete and stays;
+      records up to its last offset are skipped if redelivered (Faust may have
+      committed late, or the group's offset was moved back by hand);
+    - temporary files are leftovers of an unfinished flush: deleted.
+
+    Files of other partitions and names that are not ours are left alone.
+    """
+    delete: list[str] = []
+    through = -1
+    for path in paths:
+        f = parse(path)
+        if f is None or f.range.partition != partition:
+            continue
+        if f.temp or f.range.first >= committed:
+            delete.append(path)
+        else:
+            through = max(through, f.range.last)
+    return Recovery(tuple(sorted(delete)), through)
+
+
+@dataclass(frozen=True)
+class FlushPolicy:
+    """When a partition's buffer becomes files: enough rows or bytes, or old enough.
+
+    The age is that of the oldest buffered record, so an idle partition still
+    flushes once the interval has passed since it last received something new.
+    """
+
+    max_rows: int
+    max_bytes: int
+    interval_ms: int
+
+    def full(self, rows: int, nbytes: int) -> bool:
+        return rows >= self.max_rows or nbytes >= self.max_bytes
+
+    def due(self, rows: int, nbytes: int, records: int, age_ms: float) -> bool:
+        return records > 0 and (self.full(rows, nbytes) or age_ms >= self.interval_ms)
+
+
+RECORD_TIME = "record"
+EVENT_TIME = "event"
+
+
+def parse_time_rules(spec: str) -> dict[str, str]:
+    """`CLICKLOOP_ARCHIVE_TIME`: which time the hour partition follows.
+
+    A comma-separated list of `event` or `record` (for every topic) and
+    `<topic>=event|record|<field>` (for one topic; a field must be an epoch-ms
+    column of that topic). Returns {topic or "*": rule}; raises ValueError.
+    """
+    rules: dict[str, str] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        topic, sep, rule = item.partition("=")
+        if not sep:
+            topic, rule = "*", topic
+        topic, rule = topic.strip(), rule.strip()
+        if not topic or not rule or (topic == "*" and rule not in (EVENT_TIME, RECORD_TIME)):
+            raise ValueError(f"{item!r}: use event, record or <topic>=event|record|<field>")
+        rules[topic] = rule
+    return rules
+
+
+def time_field(rules: dict[str, str], topic: str, event_field: str, record_field: str) -> str:
+    """The column whose hour places a row of `topic`, given the parsed rules."""
+    rule = rules.get(topic, rules.get("*", EVENT_TIME))
+    if rule == EVENT_TIME:
+        return event_field
+    if rule == RECORD_TIME:
+        return record_field
+    return rule
