@@ -70,9 +70,9 @@ def make_app(settings: Settings, processor: str) -> faust.App:
 
 
 def processors() -> dict[str, Builder]:
-    from streams import features, sessionize
+    from streams import archive, features, sessionize
 
-    return {"sessionize": sessionize.build, "features": features.build}
+    return {"sessionize": sessionize.build, "features": features.build, "archive": archive.build}
 
 
 def run_worker(processor: str, settings: Settings) -> None:

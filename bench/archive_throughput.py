@@ -1,0 +1,113 @@
+"""Archive worker throughput against a raw aiokafka consume + orjson decode loop, same data, same run.
+
+    .venv/bin/python bench/archive_throughput.py [--events N] [--per-record K] [--profile FILE]
+
+Produces N synthetic click events to a fresh `clicks` topic (envelopes of K
+events of one partition, as the collector packs them under load), measures the
+raw loop of bench/stream_throughput.py over it, then runs the real `clickloop
+worker archive` process over the same topic into a fresh local archive. The
+worker counts an event when the file holding it is renamed into place (and its
+offsets acked); its rate runs from its first record to its last flush, so the
+final flush interval is included and its start-up is not. The Parquet files are
+then counted to check that every event is archived exactly once.
+Last line: events=N archive_eps=X raw_eps=Y ratio=X/Y
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import bench_settings, click_events, click_records, produce  # noqa: E402
+from bench.stream_throughput import raw_loop  # noqa: E402
+from services.settings import Settings  # noqa: E402
+from streams import topics  # noqa: E402
+from streams.archive_store import ArchiveStore  # noqa: E402
+from streams.topics import ensure_topics  # noqa: E402
+
+PROGRESS = re.compile(r"progress events=(\d+) span_s=([\d.]+)")
+
+
+def archive_topic(settings: Settings, n_events: int, profile: str | None = None,
+                  timeout_s: float | None = None) -> float:
+    """Run `clickloop worker archive` with `settings` until it archived `n_events`; events/s.
+
+    The topics archived are `settings.archive_topics` (the benchmark sets only
+    `clicks`); the archive is `settings.archive_root`. The worker is stopped
+    (SIGINT) once the last file is in place.
+    """
+    env = {**os.environ, **settings.as_env()}
+    spy = ["py-spy", "record", "--format", "speedscope", "-o", profile, "--"] if profile else []
+    if spy and Path(sys.executable).with_name("py-spy").exists():
+        spy[0] = str(Path(sys.executable).with_name("py-spy"))
+    proc = subprocess.Popen([*spy, sys.executable, "-m", "services.cli", "worker", "archive"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + (timeout_s or 60 + n_events / 2000)
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            tail = (tail + [line])[-20:]
+            match = PROGRESS.search(line)
+            if match and int(match.group(1)) >= n_events:
+                return int(match.group(1)) / float(match.group(2))
+            if time.monotonic() > deadline:
+                break
+        raise SystemExit("archive worker did not finish:\n" + "".join(tail))
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        proc.wait(timeout=30)
+
+
+def archived_rows(settings: Settings, topic: str) -> tuple[int, int]:
+    """(rows, files) of the topic's final Parquet files, from their footers."""
+    store = ArchiveStore(settings.archive_root)
+    files = [p for p in store.list_topic(topic) if p.endswith(".parquet")]
+    return sum(pq.read_metadata(p, filesystem=store.fs).num_rows for p in files), len(files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--per-record", type=int, default=100,
+                        help="events per Kafka record (the collector's micro-batch envelope)")
+    parser.add_argument("--interval", type=int, default=1,
+                        help="CLICKLOOP_ARCHIVE_INTERVAL_S for the run (the last flush waits for it)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the worker with py-spy into FILE (speedscope JSON)")
+    args = parser.parse_args()
+    settings = bench_settings()
+    archive_dir = settings.state_dir / "bench-archive" / settings.prefix.rstrip(".")
+    settings = dataclasses.replace(settings, archive_topics=(topics.CLICKS,),
+                                   archive_uri=str(archive_dir),
+                                   archive_interval_s=args.interval)
+    topic = settings.topic(topics.CLICKS)
+    asyncio.run(ensure_topics(settings))
+    records = click_records(click_events(args.events), settings.partitions, args.per_record)
+    produce_s = asyncio.run(produce(settings, topic, records))
+    print(f"produced {args.events} events in {len(records)} records to {topic} "
+          f"({settings.partitions} partitions) in {produce_s:.1f} s", flush=True)
+    raw = asyncio.run(raw_loop(settings.kafka_bootstrap, topic, args.events))
+    print(f"raw aiokafka consume+decode: {raw:,.0f} events/s", flush=True)
+    eps = archive_topic(settings, args.events, profile=args.profile)
+    print(f"archive worker: {eps:,.0f} events/s into {archive_dir}", flush=True)
+    rows, files = archived_rows(settings, topic)
+    print(f"archive holds {rows} rows in {files} files", flush=True)
+    shutil.rmtree(archive_dir, ignore_errors=True)
+    if rows != args.events:
+        raise SystemExit(f"archive holds {rows} rows, expected {args.events}")
+    print(f"events={args.events} archive_eps={eps:.0f} raw_eps={raw:.0f} ratio={eps / raw:.3f}")
+
+
+if __name__ == "__main__":
+    main()
