@@ -51,3 +51,27 @@ def test_as_env_round_trips():
     s = Settings.from_env({"CLICKLOOP_WRITE_KEYS": "k1,k2", "CLICKLOOP_PREFIX": "p.",
                            "CLICKLOOP_REQUIRE_WRITE_KEY": "false"})
     assert Settings.from_env(s.as_env()) == s
+
+
+def test_archive_defaults_and_parsing(tmp_path):
+    s = Settings.from_env({"CLICKLOOP_STATE_DIR": str(tmp_path)})
+    assert (s.archive_root, s.archive_topics, s.archive_max_rows, s.archive_interval_s,
+            s.archive_time) == (str(tmp_path / "archive"), ("clicks", "sessions"), 200_000, 60, "event")
+    s = Settings.from_env({"CLICKLOOP_ARCHIVE_URI": "s3://bucket/archive",
+                           "CLICKLOOP_ARCHIVE_TOPICS": "clicks",
+                           "CLICKLOOP_ARCHIVE_INTERVAL_S": "1",
+                           "CLICKLOOP_ARCHIVE_TIME": "event,sessions=record"})
+    assert (s.archive_root, s.archive_topics, s.archive_interval_s, s.archive_time) == \
+        ("s3://bucket/archive", ("clicks",), 1, "event,sessions=record")
+    assert Settings.from_env(s.as_env()) == s
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"CLICKLOOP_ARCHIVE_TIME": "wallclock"}, "CLICKLOOP_ARCHIVE_TIME='wallclock'"),
+    ({"CLICKLOOP_ARCHIVE_TOPICS": ",,"}, "CLICKLOOP_ARCHIVE_TOPICS is empty"),
+    ({"CLICKLOOP_ARCHIVE_INTERVAL_S": "0"}, "CLICKLOOP_ARCHIVE_INTERVAL_S=0 must be at least 1"),
+    ({"CLICKLOOP_ARCHIVE_MAX_ROWS": "0"}, "CLICKLOOP_ARCHIVE_MAX_ROWS=0 must be at least 1"),
+])
+def test_archive_errors_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)

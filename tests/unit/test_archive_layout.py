@@ -1,0 +1,107 @@
+"""Archive layout: names, hour folders, the recovery plan and the flush policy, as tables."""
+from __future__ import annotations
+
+import pytest
+
+from streams.archive_layout import (ArchivedFile, FileRange, FlushPolicy, hour_dir, hour_of, parse,
+                                    parse_time_rules, plan_recovery, time_field)
+
+H = 3_600_000
+
+
+@pytest.mark.parametrize("ms,expected,why", [
+    (0, "date=1970-01-01/hour=00", "the epoch"),
+    (H - 1, "date=1970-01-01/hour=00", "last ms of an hour stays in it (half-open)"),
+    (H, "date=1970-01-01/hour=01", "first ms of the next hour"),
+    (1_795_528_800_000, "date=2026-11-24/hour=14", "a recent hour"),
+    (1_795_528_800_000 + 10 * H - 1, "date=2026-11-24/hour=23", "end of the day"),
+    (1_795_528_800_000 + 10 * H, "date=2026-11-25/hour=00", "midnight starts the next date"),
+    (-1, "date=1969-12-31/hour=23", "before the epoch: floor, not truncation"),
+])
+def test_hour_folder_of_an_event_time(ms, expected, why):
+    assert hour_dir(hour_of(ms)) == expected, why
+
+
+@pytest.mark.parametrize("path,expected,why", [
+    ("/a/topic=clicks/date=2026-11-24/hour=14/3-100-199.parquet",
+     ArchivedFile("/a/topic=clicks/date=2026-11-24/hour=14/3-100-199.parquet",
+                  FileRange(3, 100, 199), False), "a final file"),
+    ("/a/h/.3-100-199.parquet.tmp", ArchivedFile("/a/h/.3-100-199.parquet.tmp",
+                                                 FileRange(3, 100, 199), True), "a temporary file"),
+    ("3-100-199.parquet.tmp", None, "a temp name must start with a dot"),
+    (".3-100-199.parquet", None, "a final name must not"),
+    ("/a/h/part-0000.parquet", None, "someone else's file"),
+    ("/a/h/3-100.parquet", None, "no last offset"),
+    ("/a/h/_SUCCESS", None, "Spark's marker"),
+])
+def test_parse(path, expected, why):
+    assert parse(path) == expected, why
+
+
+def test_names_round_trip():
+    r = FileRange(2, 0, 41)
+    assert (r.name, r.temp_name) == ("2-0-41.parquet", ".2-0-41.parquet.tmp")
+    assert parse(f"x/{r.name}").range == parse(f"x/{r.temp_name}").range == r
+
+
+def d(name: str) -> str:
+    return f"/root/topic=clicks/date=2026-11-24/hour=14/{name}"
+
+
+@pytest.mark.parametrize("files,committed,delete,through,why", [
+    ([], 0, [], -1, "nothing archived yet"),
+    ([d("0-0-99.parquet"), d("0-100-199.parquet")], 200, [], 199,
+     "every flush committed: keep all, skip what they hold if redelivered"),
+    ([d("0-0-99.parquet"), d("0-100-199.parquet")], 100, [d("0-100-199.parquet")], 99,
+     "crash after the rename, before Faust committed: that flush is written again"),
+    ([d("0-0-99.parquet"), d(".0-100-199.parquet.tmp")], 100, [d(".0-100-199.parquet.tmp")], 99,
+     "crash before the rename: the temporary leftover goes"),
+    ([d("0-0-99.parquet"), d("0-100-199.parquet"), d(".0-100-199.parquet.tmp")], 100,
+     [d(".0-100-199.parquet.tmp"), d("0-100-199.parquet")], 99,
+     "crash between renames of one flush (one hour renamed, one not): the whole flush goes"),
+    ([d("0-0-99.parquet"), d("0-100-199.parquet")], 50, [d("0-100-199.parquet")], 99,
+     "offset moved back inside a complete flush: keep it, skip its records, no loss"),
+    ([d("0-0-99.parquet")], 0, [d("0-0-99.parquet")], -1,
+     "nothing ever committed (or offsets expired; committed = beginning): rewrite all"),
+    ([d("1-0-99.parquet"), d(".1-100-120.parquet.tmp")], 0, [], -1,
+     "other partitions' files are not ours to touch"),
+    ([d("0-0-99.parquet"), d("part-1.parquet")], 100, [], 99, "foreign names are left alone"),
+    ([d("0-0-99.parquet"), d("0-150-199.parquet")], 250, [], 199,
+     "a gap (bad records only, transaction markers) is fine"),
+])
+def test_plan_recovery(files, committed, delete, through, why):
+    plan = plan_recovery(0, files, committed)
+    assert (sorted(plan.delete), plan.archived_through) == (sorted(delete), through), why
+
+
+@pytest.mark.parametrize("rows,nbytes,records,age_ms,due,why", [
+    (0, 0, 0, 10_000, False, "nothing buffered: nothing to flush, however long"),
+    (10, 100, 1, 999, False, "young and small"),
+    (10, 100, 1, 1000, True, "the interval passed (an idle partition flushes too)"),
+    (100, 100, 2, 0, True, "max rows"),
+    (1, 5000, 1, 0, True, "max bytes"),
+    (0, 100, 3, 1000, True, "only bad records: flushed so they are acked and dead-lettered"),
+])
+def test_flush_policy(rows, nbytes, records, age_ms, due, why):
+    assert FlushPolicy(max_rows=100, max_bytes=5000, interval_ms=1000).due(
+        rows, nbytes, records, age_ms) is due, why
+
+
+@pytest.mark.parametrize("spec,topic,expected", [
+    ("event", "clicks", "timestamp"),
+    ("record", "clicks", "_timestamp"),
+    ("event,sessions=record", "sessions", "_timestamp"),
+    ("event,sessions=record", "clicks", "timestamp"),
+    ("record, clicks=event", "clicks", "timestamp"),
+    ("sessions=end", "sessions", "end"),
+    ("", "clicks", "timestamp"),
+])
+def test_time_rules(spec, topic, expected):
+    event_field = {"clicks": "timestamp", "sessions": "start"}[topic]
+    assert time_field(parse_time_rules(spec), topic, event_field, "_timestamp") == expected
+
+
+@pytest.mark.parametrize("spec", ["wallclock", "clicks=", "=event", "event,bogus"])
+def test_time_rules_refuse(spec):
+    with pytest.raises(ValueError, match="use event, record or <topic>="):
+        parse_time_rules(spec)
