@@ -6,7 +6,8 @@ per hour) and the filesystem shell `streams.archive_store`.
 
 Per (topic, partition) the agent buffers decoded records; a *flush* (enough rows
 or bytes, or the oldest record waited `CLICKLOOP_ARCHIVE_INTERVAL_S`) cuts the
-buffer — a contiguous offset range [first, last] — and, in a thread, writes one
+buffer — a contiguous offset range [first, last] — and, in the writer process
+(streams/archive_writer.py), decodes it and writes one
 file per event-time hour under a temporary name and makes it durable; then bad
 rows go to `<topic>.dlq`, the files are renamed into place, and only then are
 the range's records acked, so Faust commits their offsets only once they are
@@ -26,7 +27,6 @@ import os
 from dataclasses import dataclass, field
 
 import faust
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -34,9 +34,9 @@ from schemas.archive import RECORD_TIME, SCHEMAS, ArchiveSchema
 from services.settings import Settings
 from streams.app import now
 from streams.archive_layout import FileRange, FlushPolicy, parse_time_rules, plan_recovery, time_field
-from streams.archive_store import ArchiveStore, Written
-from streams.archive_table import BadRow, Columns, check_time_field, split_by_hour
-from streams.codec import BadRecord, decode_clicks
+from streams.archive_store import ArchiveStore
+from streams.archive_table import check_time_field
+from streams.archive_writer import Done, Job, Writer
 from streams.dlq import dlq_record
 from streams.meter import Meter
 
@@ -46,15 +46,10 @@ PROCESSOR = "archive"
 
 @dataclass
 class Unit:
-    """One flush: a partition's records [first, last], their rows, what to ack."""
+    """One flush: a partition's records [first, last], undecoded, and their events to ack."""
 
-    topic: str
-    spec: ArchiveSchema
-    time_field: str
-    range: FileRange
-    columns: Columns
+    job: Job
     keys: dict[int, bytes | None]      # offset -> record key (for dead letters)
-    dead: list[tuple[int, bytes | None, bytes | None, str]]  # (offset, key, bytes, reason)
     acks: list
 
 
@@ -63,67 +58,49 @@ class Sink:
     """The buffer of one (topic, partition) and its flush in flight."""
 
     topic: str
+    logical: str
     partition: int
-    spec: ArchiveSchema
     time_field: str
+    envelope: bool
     archived_through: int
-    columns: Columns = None  # type: ignore[assignment]
+    values: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
+    record_times: list = field(default_factory=list)
     keys: dict = field(default_factory=dict)
-    dead: list = field(default_factory=list)
     acks: list = field(default_factory=list)
     nbytes: int = 0
-    first: int = -1
-    last: int = -1
+    rows: int = 0
     opened: float = 0.0
     flushing: asyncio.Task | None = None
 
-    def __post_init__(self) -> None:
-        self.columns = Columns(self.spec, self.partition)
-
     def add(self, offset: int, record_ms: int, key: bytes | None, value: bytes | None, event) -> None:
         if not self.acks:
-            self.first, self.opened = offset, now()
-        self.last = offset
+            self.opened = now()
         self.acks.append(event)
-        self.nbytes += len(value) if value else 0
-        try:
-            if self.spec.envelope:
-                rows = decode_clicks(value)
-            elif value is None:
-                raise BadRecord("empty record (a tombstone) on a topic of JSON objects")
-            else:
-                try:
-                    rows = [orjson.loads(value)]
-                except orjson.JSONDecodeError as exc:
-                    raise BadRecord(f"not JSON: {exc}") from None
-        except BadRecord as exc:
-            self.dead.append((offset, key, value, str(exc)))
-            return
-        for _, index, reason, row in self.columns.add(rows, offset, record_ms):
-            self.dead.append((offset, key, row, _at(reason, index)))
+        self.values.append(value)
+        self.offsets.append(offset)
+        self.record_times.append(record_ms)
         self.keys[offset] = key
+        if value:
+            self.nbytes += len(value)
+            # Events of an envelope, counted without decoding (the writer process
+            # decodes): an estimate for rotation only.
+            self.rows += value.count(b'"message_id"') if self.envelope else 1
 
-    def cut(self) -> Unit | None:
+    def cut(self, uri: str) -> Unit | None:
         if not self.acks:
             return None
-        unit = Unit(self.topic, self.spec, self.time_field,
-                    FileRange(self.partition, self.first, self.last),
-                    self.columns, self.keys, self.dead, self.acks)
-        self.columns, self.keys, self.dead, self.acks = Columns(self.spec, self.partition), {}, [], []
-        self.nbytes = 0
+        job = Job(uri, self.topic, self.logical,
+                  FileRange(self.partition, self.offsets[0], self.offsets[-1]),
+                  self.time_field, self.values, self.offsets, self.record_times)
+        unit = Unit(job, self.keys, self.acks)
+        self.values, self.offsets, self.record_times, self.keys, self.acks = [], [], [], {}, []
+        self.nbytes = self.rows = 0
         return unit
 
 
 def _at(reason: str, index: int | None) -> str:
     return reason if index is None else f"event {index}: {reason}"
-
-
-def write_unit(store: ArchiveStore, unit: Unit) -> tuple[list[Written], list[BadRow]]:
-    """Blocking: the unit's files, written and durable under temporary names; bad rows."""
-    table, bad = unit.columns.to_table()
-    written = [store.write(unit.topic, hour, unit.range, part)
-               for hour, part in split_by_hour(table, unit.time_field)]
-    return written, bad
 
 
 class Positions:
@@ -185,10 +162,11 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     sinks: dict[tuple[str, int], Sink] = {}
     lock = asyncio.Lock()   # an agent step, a timer flush and a revocation exclude each other
     dlq: list[AIOKafkaProducer] = []
+    writer = Writer()
 
-    async def send_dead(unit: Unit, bad: list[BadRow]) -> None:
-        dead = unit.dead + [(offset, unit.keys.get(offset), row, _at(reason, index))
-                            for offset, index, reason, row in bad]
+    async def send_dead(unit: Unit, done: Done) -> None:
+        dead = [(offset, unit.keys.get(offset), row, _at(reason, index))
+                for offset, index, reason, row in done.dead]
         if not dead:
             return
         if not dlq:
@@ -196,33 +174,35 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                                         enable_idempotence=True)
             await producer.start()
             dlq.append(producer)
-        topic = settings.topic(f"{unit.spec.topic}.dlq")
+        job = unit.job
+        topic = settings.topic(f"{job.logical}.dlq")
         sends = [await dlq[0].send(topic, key=key, value=dlq_record(
-            unit.topic, unit.range.partition, offset, reason, key, value, PROCESSOR))
+            job.topic, job.range.partition, offset, reason, key, value, PROCESSOR))
             for offset, key, value, reason in dead]
         await asyncio.gather(*sends)
 
     async def flush(unit: Unit) -> None:
+        job = unit.job
         try:
-            written, bad = await asyncio.to_thread(write_unit, store, unit)
+            done = await writer(job)
             # Dead letters before the rename: a crash in between sends them again
             # (at least once), but never loses one.
-            await send_dead(unit, bad)
-            await asyncio.to_thread(store.publish, written)
+            await send_dead(unit, done)
+            await asyncio.to_thread(store.publish, done.written)
         except BaseException as exc:  # noqa: BLE001 (nothing is acked: a restart redoes it)
             log.critical("archive flush of %s[%d] %d-%d failed (%r): exiting so that a restart "
-                         "recovers", unit.topic, unit.range.partition, unit.range.first,
-                         unit.range.last, exc)
+                         "recovers", job.topic, job.range.partition, job.range.first,
+                         job.range.last, exc)
             os._exit(70)
         for event in unit.acks:
             event.ack()
-        meter.update(len(unit.columns) - len(bad), now())
+        meter.update(done.rows, now())
 
     async def start_flush(sink: Sink) -> None:
         if sink.flushing is not None:
             await sink.flushing    # one flush per partition at a time, in offset order
             sink.flushing = None
-        unit = sink.cut()
+        unit = sink.cut(store.uri)
         if unit is not None:
             sink.flushing = asyncio.ensure_future(flush(unit))
 
@@ -240,7 +220,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
         print(f"[{PROCESSOR}] {topic}[{partition}]: committed offset {committed}, archived "
               f"through {plan.archived_through}, deleted {len(plan.delete)} uncommitted or "
               f"temporary file(s)", flush=True)
-        sink = sinks[(topic, partition)] = Sink(topic, partition, spec, column,
+        sink = sinks[(topic, partition)] = Sink(topic, logical, partition, column, spec.envelope,
                                                 plan.archived_through)
         return sink
 
@@ -260,7 +240,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                     event.ack()     # already in a complete file
                     continue
                 sink.add(msg.offset, round(msg.timestamp * 1000), event.key, event.value, event)
-                if policy.full(len(sink.columns), sink.nbytes):
+                if policy.full(sink.rows, sink.nbytes):
                     await start_flush(sink)
 
     @app.timer(min(1.0, settings.archive_interval_s / 2))
@@ -269,7 +249,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
             t = now()
             for sink in sinks.values():
                 if (sink.flushing is None or sink.flushing.done()) and policy.due(
-                        len(sink.columns), sink.nbytes, len(sink.acks), (t - sink.opened) * 1000):
+                        sink.rows, sink.nbytes, len(sink.acks), (t - sink.opened) * 1000):
                     await start_flush(sink)
 
     @app.on_partitions_revoked.connect
@@ -287,6 +267,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
         for sink in list(sinks.values()):
             if sink.flushing is not None:
                 await sink.flushing
+        writer.close()
         if dlq:
             await dlq[0].stop()
         await positions.close()

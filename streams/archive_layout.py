@@ -10,7 +10,7 @@ file per hour, and every file of that flush carries the flush's range in its
 name. Ranges of different flushes never overlap, so a name says which offsets a
 file may hold, and a reader (or a replay) never sees a record twice.
 
-A file is written under a temporary name (`.<name>.tmp`: a leading dot and no
+A file is written under a temporary name (`.<p>-<first>-<last>.<token>.parquet.tmp`: a leading dot and no
 `.parquet` suffix, so Spark, Hadoop and `*.parquet` globs skip it), made
 durable, renamed, and only then are the flush's offsets acked to Faust. After a
 crash, `plan_recovery` decides from the files on disk and the group's committed
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 HOUR_MS = 3_600_000
 SUFFIX = ".parquet"
 TEMP_SUFFIX = ".parquet.tmp"
-_NAME = re.compile(r"^(\.?)(\d+)-(\d+)-(\d+)(\.parquet|\.parquet\.tmp)$")
+_NAME = re.compile(r"^(\.?)(\d+)-(\d+)-(\d+)((?:\.[0-9a-z]+)?)(\.parquet|\.parquet\.tmp)$")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -56,9 +56,10 @@ class FileRange:
     def name(self) -> str:
         return f"{self.partition}-{self.first}-{self.last}{SUFFIX}"
 
-    @property
-    def temp_name(self) -> str:
-        return f".{self.partition}-{self.first}-{self.last}{TEMP_SUFFIX}"
+    def temp_name(self, token: str) -> str:
+        """A temporary name unique to one writer (`token`): a writer that outlived its
+        process (a zombie) never writes into a file its successor is writing."""
+        return f".{self.partition}-{self.first}-{self.last}.{token}{TEMP_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ def parse(path: str) -> ArchivedFile | None:
     m = _NAME.match(base)
     if m is None:
         return None
-    dot, partition, first, last, suffix = m.groups()
+    dot, partition, first, last, token, suffix = m.groups()
     temp = suffix == TEMP_SUFFIX
-    if temp != (dot == "."):
+    if temp != (dot == ".") or temp != bool(token):
         return None
     return ArchivedFile(path, FileRange(int(partition), int(first), int(last)), temp)
 

@@ -61,15 +61,17 @@ class ArchiveStore:
     def dir_of(self, topic: str, hour: int) -> str:
         return f"{self.topic_path(topic)}/{hour_dir(hour)}"
 
-    def write(self, topic: str, hour: int, frange: FileRange, table: pa.Table) -> Written:
-        """Write one file so that it is durable, but not yet visible under its final name."""
+    def write(self, topic: str, hour: int, frange: FileRange, table: pa.Table, token: str) -> Written:
+        """Write one file so that it is durable, but not yet visible under its final name.
+
+        `token` makes the temporary name unique to this writer."""
         folder = self.dir_of(topic, hour)
         final = f"{folder}/{frange.name}"
         if self.atomic_put:
             self._write(table, final)
             return Written(final, final)
         self._ensure_dir(folder)
-        temp = f"{folder}/{frange.temp_name}"
+        temp = f"{folder}/{frange.temp_name(token)}"
         self._write(table, temp)
         if self.local:
             fd = os.open(temp, os.O_RDONLY)

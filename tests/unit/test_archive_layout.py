@@ -26,10 +26,12 @@ def test_hour_folder_of_an_event_time(ms, expected, why):
     ("/a/topic=clicks/date=2026-11-24/hour=14/3-100-199.parquet",
      ArchivedFile("/a/topic=clicks/date=2026-11-24/hour=14/3-100-199.parquet",
                   FileRange(3, 100, 199), False), "a final file"),
-    ("/a/h/.3-100-199.parquet.tmp", ArchivedFile("/a/h/.3-100-199.parquet.tmp",
-                                                 FileRange(3, 100, 199), True), "a temporary file"),
-    ("3-100-199.parquet.tmp", None, "a temp name must start with a dot"),
-    (".3-100-199.parquet", None, "a final name must not"),
+    ("/a/h/.3-100-199.k2x9.parquet.tmp", ArchivedFile("/a/h/.3-100-199.k2x9.parquet.tmp",
+                                                      FileRange(3, 100, 199), True), "a temporary file"),
+    ("3-100-199.k2x9.parquet.tmp", None, "a temp name must start with a dot"),
+    (".3-100-199.parquet.tmp", None, "and carry its writer's token"),
+    (".3-100-199.parquet", None, "a final name must not start with a dot"),
+    ("3-100-199.k2x9.parquet", None, "nor carry a token"),
     ("/a/h/part-0000.parquet", None, "someone else's file"),
     ("/a/h/3-100.parquet", None, "no last offset"),
     ("/a/h/_SUCCESS", None, "Spark's marker"),
@@ -40,8 +42,8 @@ def test_parse(path, expected, why):
 
 def test_names_round_trip():
     r = FileRange(2, 0, 41)
-    assert (r.name, r.temp_name) == ("2-0-41.parquet", ".2-0-41.parquet.tmp")
-    assert parse(f"x/{r.name}").range == parse(f"x/{r.temp_name}").range == r
+    assert (r.name, r.temp_name("ab12")) == ("2-0-41.parquet", ".2-0-41.ab12.parquet.tmp")
+    assert parse(f"x/{r.name}").range == parse(f"x/{r.temp_name('ab12')}").range == r
 
 
 def d(name: str) -> str:
@@ -54,16 +56,16 @@ def d(name: str) -> str:
      "every flush committed: keep all, skip what they hold if redelivered"),
     ([d("0-0-99.parquet"), d("0-100-199.parquet")], 100, [d("0-100-199.parquet")], 99,
      "crash after the rename, before Faust committed: that flush is written again"),
-    ([d("0-0-99.parquet"), d(".0-100-199.parquet.tmp")], 100, [d(".0-100-199.parquet.tmp")], 99,
+    ([d("0-0-99.parquet"), d(".0-100-199.t0.parquet.tmp")], 100, [d(".0-100-199.t0.parquet.tmp")], 99,
      "crash before the rename: the temporary leftover goes"),
-    ([d("0-0-99.parquet"), d("0-100-199.parquet"), d(".0-100-199.parquet.tmp")], 100,
-     [d(".0-100-199.parquet.tmp"), d("0-100-199.parquet")], 99,
+    ([d("0-0-99.parquet"), d("0-100-199.parquet"), d(".0-100-199.t0.parquet.tmp")], 100,
+     [d(".0-100-199.t0.parquet.tmp"), d("0-100-199.parquet")], 99,
      "crash between renames of one flush (one hour renamed, one not): the whole flush goes"),
     ([d("0-0-99.parquet"), d("0-100-199.parquet")], 50, [d("0-100-199.parquet")], 99,
      "offset moved back inside a complete flush: keep it, skip its records, no loss"),
     ([d("0-0-99.parquet")], 0, [d("0-0-99.parquet")], -1,
      "nothing ever committed (or offsets expired; committed = beginning): rewrite all"),
-    ([d("1-0-99.parquet"), d(".1-100-120.parquet.tmp")], 0, [], -1,
+    ([d("1-0-99.parquet"), d(".1-100-120.t0.parquet.tmp")], 0, [], -1,
      "other partitions' files are not ours to touch"),
     ([d("0-0-99.parquet"), d("part-1.parquet")], 100, [], 99, "foreign names are left alone"),
     ([d("0-0-99.parquet"), d("0-150-199.parquet")], 250, [], 199,

@@ -56,7 +56,7 @@ def test_as_env_round_trips():
 def test_archive_defaults_and_parsing(tmp_path):
     s = Settings.from_env({"CLICKLOOP_STATE_DIR": str(tmp_path)})
     assert (s.archive_root, s.archive_topics, s.archive_max_rows, s.archive_interval_s,
-            s.archive_time) == (str(tmp_path / "archive"), ("clicks", "sessions"), 200_000, 60, "event")
+            s.archive_time) == (str(tmp_path / "archive"), ("clicks", "sessions"), 50_000, 60, "event")
     s = Settings.from_env({"CLICKLOOP_ARCHIVE_URI": "s3://bucket/archive",
                            "CLICKLOOP_ARCHIVE_TOPICS": "clicks",
                            "CLICKLOOP_ARCHIVE_INTERVAL_S": "1",
