@@ -2,9 +2,10 @@
 
 A thin loop over pure parts: `streams.archive_layout` (names, hour folders,
 recovery plan, flush policy), `streams.archive_table` (records → Arrow tables
-per hour) and the filesystem shell `streams.archive_store`.
+per hour), the writer processes `streams.archive_writer` and the filesystem
+shell `streams.archive_store`.
 
-Per (topic, partition) the agent buffers decoded records; a *flush* (enough rows
+Per (topic, partition) the agent buffers raw records; a *flush* (enough rows
 or bytes, or the oldest record waited `CLICKLOOP_ARCHIVE_INTERVAL_S`) cuts the
 buffer — a contiguous offset range [first, last] — and, in the writer process
 (streams/archive_writer.py), decodes it and writes one
