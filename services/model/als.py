@@ -1,0 +1,147 @@
+"""Implicit-feedback ALS (Hu, Koren & Volinsky 2008): user and item factor matrices.
+
+Trained with the `implicit` library (CPU, conjugate gradient) when it imports,
+else with the direct-solve numpy ALS below; both use `implicit`'s convention,
+so a model from either folds in new users the same way: an observed weight w
+gives confidence c = alpha * w and preference 1, an unobserved pair confidence
+1 and preference 0, and each user's factors solve
+
+    (YᵀY + Σᵢ (cᵢ - 1) yᵢyᵢᵀ + λI) x = Σᵢ cᵢ yᵢ     over the user's items i.
+
+`solve_rows` is that equation for many rows at once; the numpy trainer
+alternates it over users and items, and `FoldIn` uses it at serving time for a
+user the model has never seen (their recent items from the feature store).
+BLAS is held to one thread while training (DESIGN.md: threads fight on 2 cores).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+Backend = Literal["auto", "implicit", "numpy"]
+
+
+@dataclass(frozen=True, slots=True)
+class AlsParams:
+    """Training parameters (also what fold-in needs: regularization and alpha)."""
+
+    factors: int = 32
+    regularization: float = 0.1
+    alpha: float = 10.0          # confidence per unit of weight; >= 1 so every c - 1 >= 0
+    iterations: int = 15
+    seed: int = 0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.factors < 1 or self.iterations < 1 or self.threads < 1:
+            raise ValueError("factors, iterations and threads must be >= 1")
+        if self.alpha < 1.0 or self.regularization <= 0.0:
+            raise ValueError(f"alpha={self.alpha} must be >= 1 and regularization > 0")
+
+    def as_dict(self) -> dict:
+        """For the artifact's manifest."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Factors:
+    """A trained model's factor matrices."""
+
+    users: np.ndarray            # (n_users, factors) float32
+    items: np.ndarray            # (n_items, factors) float32
+    backend: str                 # "implicit" or "numpy": which trainer produced them
+
+
+def implicit_available() -> bool:
+    """Whether the `implicit` library imports here."""
+    try:
+        import implicit.cpu.als  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, "blas")
+
+
+def gram(factors: np.ndarray) -> np.ndarray:
+    """YᵀY in float64, the part of every row's system shared by all rows."""
+    f = factors.astype(np.float64, copy=False)
+    return f.T @ f
+
+
+def solve_rows(fixed: np.ndarray, fixed_gram: np.ndarray, indptr: np.ndarray, indices: np.ndarray,
+               weights: np.ndarray, params: AlsParams) -> np.ndarray:
+    """Each CSR row's factors given the other side's `fixed` factors (the module's equation)."""
+    rows, k = len(indptr) - 1, fixed.shape[1]
+    out = np.zeros((rows, k), np.float32)
+    base = fixed_gram + params.regularization * np.eye(k)
+    for r in range(rows):
+        lo, hi = indptr[r], indptr[r + 1]
+        if lo == hi:
+            continue  # nothing observed: the zero vector, as implicit gives
+        y = fixed[indices[lo:hi]].astype(np.float64)
+        c = params.alpha * weights[lo:hi].astype(np.float64)
+        a = base + (y.T * (c - 1.0)) @ y
+        out[r] = np.linalg.solve(a, y.T @ c)
+    return out
+
+
+def _train_numpy(matrix: sp.csr_matrix, params: AlsParams) -> Factors:
+    rng = np.random.default_rng(params.seed)
+    n_users, n_items = matrix.shape
+    users = (rng.random((n_users, params.factors)) * 0.01).astype(np.float32)
+    items = (rng.random((n_items, params.factors)) * 0.01).astype(np.float32)
+    by_item = matrix.T.tocsr()
+    for _ in range(params.iterations):
+        users = solve_rows(items, gram(items), matrix.indptr, matrix.indices, matrix.data, params)
+        items = solve_rows(users, gram(users), by_item.indptr, by_item.indices, by_item.data, params)
+    return Factors(users, items, "numpy")
+
+
+def _train_implicit(matrix: sp.csr_matrix, params: AlsParams) -> Factors:
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    model = AlternatingLeastSquares(factors=params.factors, regularization=params.regularization,
+                                    alpha=params.alpha, iterations=params.iterations,
+                                    random_state=params.seed, num_threads=params.threads)
+    model.fit(matrix, show_progress=False)
+    return Factors(np.ascontiguousarray(model.user_factors, np.float32),
+                   np.ascontiguousarray(model.item_factors, np.float32), "implicit")
+
+
+def train(matrix: sp.csr_matrix, params: AlsParams = AlsParams(), backend: Backend = "auto") -> Factors:
+    """Factorize a users × items weight matrix (`transform.interaction_matrix`)."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    if backend == "implicit" or (backend == "auto" and implicit_available()):
+        with _one_blas_thread():
+            return _train_implicit(matrix, params)
+    if backend not in ("auto", "numpy"):
+        raise ValueError(f"unknown ALS backend {backend!r}")
+    with _one_blas_thread():
+        return _train_numpy(matrix, params)
+
+
+class FoldIn:
+    """Factors for users unseen at training, from their item weights, with the model's own equation."""
+
+    def __init__(self, item_factors: np.ndarray, params: AlsParams) -> None:
+        self.items = item_factors
+        self.params = params
+        self.gram = gram(item_factors)  # computed once per model, not per request
+
+    def vector(self, positions: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        """The user's factor vector (float32), or None when none of their items is known."""
+        if positions.size == 0:
+            return None
+        indptr = np.array([0, positions.size])
+        return solve_rows(self.items, self.gram, indptr, positions, weights, self.params)[0]
