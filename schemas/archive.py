@@ -21,12 +21,21 @@ text keeps one fixed schema and every value exactly; DuckDB (`->>`), Spark
 (`get_json_object`) and pandas (`json.loads`) read it. The session fields whose
 value types the schema fixes (`counts`, `utm`, `items`) are typed Arrow maps and
 lists, queryable without parsing.
+
+A column holds null both for a key that was absent and for a key whose value was
+null. A replay from the archive (streams/archive_records.py) writes a null back
+as `"key": null` when the key is in `null_keys`, or in `null_keys_by_type` for
+the row's `type`, and leaves the key out otherwise: the topic's own rule
+(schemas/clicks.py, NULL_KEYS), so records come back as their producer wrote them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import pyarrow as pa
+
+from schemas import clicks, sessions
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +53,10 @@ class ArchiveSchema:
     event_time: str             # epoch-ms field the hour partition follows by default
     envelope: bool              # records are {"v":1,"events":[...]}: one row per event
     json_fields: frozenset[str]  # columns holding a nested object as JSON text
+    null_keys: frozenset[str]   # written back as `"key": null` when null (see above)
+    # ... and by the row's `type` (absent from this map: no type column)
+    null_keys_by_type: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    key: str | None = None      # plain topics: the column that is the record key
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -82,6 +95,8 @@ CLICKS = ArchiveSchema(
     event_time="timestamp",
     envelope=True,
     json_fields=frozenset({"context", "properties", "traits", "extra"}),
+    null_keys=clicks.NULL_KEYS,
+    null_keys_by_type=clicks.NULL_KEYS_BY_TYPE,
 )
 
 SESSIONS = ArchiveSchema(
@@ -112,6 +127,8 @@ SESSIONS = ArchiveSchema(
     event_time="start",
     envelope=False,
     json_fields=frozenset(),
+    null_keys=frozenset(sessions.Session.__annotations__),   # no NotRequired key
+    key="visitor",              # the sessionizer keys a session by its visitor
 )
 
 # Topic -> how it is archived. A topic is archived only once it has an entry here.

@@ -56,6 +56,21 @@ class ClickEvent(TypedDict):
     extra: NotRequired[dict]                # unknown top-level fields, kept as sent
 
 
+# Absent vs null. A NotRequired key is either left out or present with a null
+# value, and the collector (services/collector/ingest.py) decides which: it always
+# writes the keys of NULL_KEYS, and those of NULL_KEYS_BY_TYPE for events of that
+# type (a `page` event carries `"name": null` when unnamed), and leaves every other
+# optional key out when it has no value (`traits` and `extra` only when sent, no
+# `event` on a page view). The Parquet archive stores absent and null alike; a
+# replay from it restores each by this rule, so the records come back exactly.
+NULL_KEYS = frozenset({"message_id", "type", "user_id", "anonymous_id", "timestamp",
+                       "original_timestamp", "sent_at", "received_at", "context", "properties"})
+NULL_KEYS_BY_TYPE: dict[str, frozenset[str]] = {
+    "track": frozenset({"event"}), "page": frozenset({"name"}), "screen": frozenset({"name"}),
+    "identify": frozenset(), "alias": frozenset({"previous_id"}), "group": frozenset({"group_id"}),
+}
+
+
 class ClickBatch(TypedDict):
     v: int                                  # SCHEMA_VERSION
     events: list[ClickEvent]

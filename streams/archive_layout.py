@@ -171,3 +171,59 @@ def time_field(rules: dict[str, str], topic: str, event_field: str, record_field
     if rule == RECORD_TIME:
         return record_field
     return rule
+
+
+_HOUR_DIR = re.compile(r"/date=(\d{4})-(\d{2})-(\d{2})/hour=(\d{2})/[^/]*$")
+
+
+def hour_of_path(path: str) -> int | None:
+    """The hour (since the epoch) of the `date=/hour=` folder holding `path`, or None."""
+    m = _HOUR_DIR.search(path)
+    if m is None:
+        return None
+    y, mo, d, h = map(int, m.groups())
+    return hour_of(int((dt.datetime(y, mo, d, h, tzinfo=dt.timezone.utc) - _EPOCH).total_seconds()
+                       * 1000))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a replay takes from the archive: rows of `partitions` whose Kafka offset
+    is in [from_offset, to_offset) and whose time (`time_field`, the column the
+    hour folders follow; record time where it is null) is in [from_ms, to_ms).
+    None: unbounded on that side."""
+
+    time_field: str
+    from_ms: int | None = None
+    to_ms: int | None = None
+    from_offset: int | None = None
+    to_offset: int | None = None
+    partitions: frozenset[int] | None = None
+
+    def keeps(self, frange: FileRange, hour: int | None) -> bool:
+        """Whether a file may hold selected rows: its name's offsets, its folder's hour."""
+        if self.partitions is not None and frange.partition not in self.partitions:
+            return False
+        if self.from_offset is not None and frange.last < self.from_offset:
+            return False
+        if self.to_offset is not None and frange.first >= self.to_offset:
+            return False
+        if hour is None:
+            return True
+        if self.from_ms is not None and hour < hour_of(self.from_ms):
+            return False
+        return self.to_ms is None or hour <= hour_of(self.to_ms - 1)
+
+
+def flushes(paths: list[str], selection: Selection) -> list[tuple[FileRange, tuple[str, ...]]]:
+    """The published files that may hold selected rows, by flush, in (partition, offset) order.
+
+    A flush's records are split over one file per hour, and one record's events
+    may sit in several of them: a flush is the unit a record is rebuilt from.
+    Temporary files and names that are not ours are left out."""
+    by_range: dict[FileRange, list[str]] = {}
+    for path in paths:
+        f = parse(path)
+        if f is not None and not f.temp and selection.keeps(f.range, hour_of_path(path)):
+            by_range.setdefault(f.range, []).append(path)
+    return [(r, tuple(sorted(by_range[r]))) for r in sorted(by_range)]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from streams.archive_layout import (ArchivedFile, FileRange, FlushPolicy, hour_dir, hour_of, parse,
-                                    parse_time_rules, plan_recovery, time_field)
+from streams.archive_layout import (ArchivedFile, FileRange, FlushPolicy, Selection, flushes,
+                                    hour_dir, hour_of, hour_of_path, parse, parse_time_rules,
+                                    plan_recovery, time_field)
 
 H = 3_600_000
 
@@ -20,6 +21,12 @@ H = 3_600_000
 ])
 def test_hour_folder_of_an_event_time(ms, expected, why):
     assert hour_dir(hour_of(ms)) == expected, why
+    assert hour_of_path(f"s3://b/topic=t/{expected}/0-1-2.parquet") == hour_of(ms), why
+
+
+def test_a_path_outside_hour_folders_has_no_hour():
+    assert hour_of_path("/a/topic=t/0-1-2.parquet") is None
+    assert hour_of_path("/a/date=2026-11-24/hour=14/x/0-1-2.parquet") is None
 
 
 @pytest.mark.parametrize("path,expected,why", [
@@ -107,3 +114,34 @@ def test_time_rules(spec, topic, expected):
 def test_time_rules_refuse(spec):
     with pytest.raises(ValueError, match="use event, record or <topic>="):
         parse_time_rules(spec)
+
+
+T = 1_795_528_800_000   # 2026-11-24T14:00Z
+HOUR = hour_of(T)
+
+
+@pytest.mark.parametrize("selection,frange,hour,keeps,why", [
+    (Selection("timestamp"), FileRange(0, 0, 9), HOUR, True, "unbounded"),
+    (Selection("timestamp", partitions=frozenset({1})), FileRange(0, 0, 9), HOUR, False, "partition"),
+    (Selection("timestamp", from_offset=10), FileRange(0, 0, 9), HOUR, False, "ends before from"),
+    (Selection("timestamp", from_offset=9), FileRange(0, 0, 9), HOUR, True, "last offset is from"),
+    (Selection("timestamp", to_offset=10), FileRange(0, 10, 19), HOUR, False, "to is exclusive"),
+    (Selection("timestamp", from_ms=T + H), FileRange(0, 0, 9), HOUR, False, "hour before from"),
+    (Selection("timestamp", from_ms=T + H - 1), FileRange(0, 0, 9), HOUR, True, "from in the hour"),
+    (Selection("timestamp", to_ms=T), FileRange(0, 0, 9), HOUR, False, "to at the hour: exclusive"),
+    (Selection("timestamp", to_ms=T + 1), FileRange(0, 0, 9), HOUR, True, "to just inside"),
+    (Selection("timestamp", to_ms=T), FileRange(0, 0, 9), None, True, "no hour folder: read it"),
+])
+def test_selection_keeps_files(selection, frange, hour, keeps, why):
+    assert selection.keeps(frange, hour) is keeps, why
+
+
+def test_flushes_group_the_hour_files_of_one_flush_in_offset_order():
+    at = lambda hour, name: f"/r/topic=c/{hour_dir(hour)}/{name}"  # noqa: E731
+    paths = [at(HOUR + 1, "0-10-19.parquet"), at(HOUR, "0-10-19.parquet"), at(HOUR, "1-0-4.parquet"),
+             at(HOUR, "0-0-9.parquet"), at(HOUR, ".0-20-29.k1.parquet.tmp"), at(HOUR, "notes.txt"),
+             at(HOUR + 2, "0-10-19.parquet")]
+    got = flushes(paths, Selection("timestamp", to_ms=T + 2 * H))
+    assert got == [(FileRange(0, 0, 9), (at(HOUR, "0-0-9.parquet"),)),
+                   (FileRange(0, 10, 19), (at(HOUR, "0-10-19.parquet"), at(HOUR + 1, "0-10-19.parquet"))),
+                   (FileRange(1, 0, 4), (at(HOUR, "1-0-4.parquet"),))]
