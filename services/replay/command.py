@@ -1,31 +1,40 @@
 """`clickloop replay`: plan (dry run by default), then re-feed a topic range.
 
+Sources: the live topic (`--source live`, the default: by offset or by record
+time) or the Parquet archive (`--source archive`, services/replay/archive.py:
+by offset or by the archive's time column).
+
 Targets:
 - `topic:<name>`: copy the range, record for record (same partition, key and
   value), into a backfill topic that is created when missing;
 - `processor:<name>`: rebuild that processor from its input. Its consumer group
-  is moved to the start of the range and everything it wrote is reset first,
-  so the rebuilt result equals a fresh run, not a double count: its state
+  is moved to the start of the range (the input's retention start, or `--from`
+  / `--from-offset`) and everything it wrote is reset first, so the rebuilt
+  result equals a fresh run from that point on, not a double count: its state
   changelog is recreated empty, its output topics truncated, and the
   processors downstream of those outputs (and their Redis keys) are reset the
-  same way. A processor's state at an arbitrary offset is not stored, so a
-  processor rebuild starts where the input's retention starts; a partial
-  range goes to a backfill topic instead.
+  same way. Each reset group resumes the replayed topic at the range's start,
+  a truncated output at its new beginning and any other input at `--from`.
+  There is no end: the processor goes on with its live input, so `--to` and
+  `--to-offset` are refused; nor is a processor rebuilt from the archive
+  (`refuse_archive_processor` says why and what to run instead).
 Refuses to touch a processor whose consumer group has active members.
 """
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
-from tqdm import tqdm
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-from services.replay.plan import Plan, ReplayError, parse_time, ranges, refuse_if_active
+from services.replay.archive import ArchiveSource
+from services.replay.plan import (AT_TIME, BEGINNING, START_OF_RANGE, GroupStart, PartitionRange,
+                                  Plan, ReplayError, check_processor_range, parse_time, ranges,
+                                  refuse_archive_processor, refuse_if_active, start_rule)
+from services.replay.sink import TopicSink
 from services.settings import Settings
 from streams import topics
 
@@ -75,7 +84,8 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
 
 
 async def _offsets(settings: Settings, topic: str, from_: str | None, to: str | None,
-                   from_offset: int | None, to_offset: int | None, partitions: set[int] | None):
+                   from_offset: int | None, to_offset: int | None,
+                   partitions: set[int] | None) -> tuple[PartitionRange, ...]:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 isolation_level="read_committed")
     await consumer.start()
@@ -94,7 +104,7 @@ async def _offsets(settings: Settings, topic: str, from_: str | None, to: str | 
                     for tp, o in found.items()}
 
         return ranges(begins, ends, await at(from_, from_offset), await at(to, to_offset),
-                      partitions), begins
+                      partitions)
     finally:
         await consumer.stop()
 
@@ -105,45 +115,62 @@ async def _active_members(admin: AIOKafkaAdminClient, group: str) -> int:
     return sum(len(g[5]) for response in described for g in response.groups)
 
 
+def target_of(text: str) -> tuple[str, str]:
+    kind, _, name = text.partition(":")
+    if kind not in ("topic", "processor") or not name:
+        raise ReplayError(f"--target {text!r}: use topic:<name> or processor:<name>")
+    if kind == "processor" and name not in PROCESSORS:
+        raise ReplayError(f"unknown processor {name!r}; choose {', '.join(PROCESSORS)}")
+    return kind, name
+
+
+def partitions_of(args) -> set[int] | None:
+    return {int(p) for p in args.partitions.split(",")} if args.partitions else None
+
+
 async def plan(settings: Settings, args) -> Plan:
+    """The plan of a replay from the live topic."""
     topic = settings.topic(args.topic)
-    parts = {int(p) for p in args.partitions.split(",")} if args.partitions else None
-    rngs, begins = await _offsets(settings, topic, args.from_time, args.to_time,
-                                  args.from_offset, args.to_offset, parts)
-    kind, _, name = args.target.partition(":")
-    resets: list[str] = []
+    parts = partitions_of(args)
+    kind, name = target_of(args.target)
     if kind == "processor":
-        if name not in PROCESSORS:
-            raise ReplayError(f"unknown processor {name!r}; choose {', '.join(PROCESSORS)}")
         if args.topic not in PROCESSORS[name].inputs:
             raise ReplayError(f"{name} does not read {args.topic}")
-        if any(r.start > begins[r.partition] for r in rngs) or args.to_time or args.to_offset:
-            raise ReplayError(
-                f"a processor rebuild replays its input from the start of retention to the end "
-                f"(its state at an arbitrary offset is not stored); for a partial range use "
-                f"--target topic:<backfill topic>")
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            for proc in downstream(name):
-                refuse_if_active(group_of(settings, proc),
-                                 await _active_members(admin, group_of(settings, proc)), proc)
-        finally:
-            await admin.close()
+        check_processor_range(args.to_time, args.to_offset, parts)
+    rngs = await _offsets(settings, topic, args.from_time, args.to_time,
+                             args.from_offset, args.to_offset, parts)
+    if kind == "topic":
+        return Plan(topic=topic, source=args.source, target=args.target, ranges=rngs)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
         for proc in downstream(name):
-            owned = PROCESSORS[proc]
-            resets.append(f"consumer group {group_of(settings, proc)}: offsets of "
-                          f"{', '.join(settings.topic(t) for t in owned.inputs)} to the start")
-            resets += [f"state changelog {settings.topic(t)}: recreated empty" for t in owned.state]
-            resets += [f"output topic {settings.topic(t)}: truncated" for t in owned.outputs]
-            resets += [f"Redis keys {settings.redis_key(k)}: deleted" for k in owned.redis]
-    elif kind != "topic" or not name:
-        raise ReplayError(f"--target {args.target!r}: use topic:<name> or processor:<name>")
+            refuse_if_active(group_of(settings, proc),
+                             await _active_members(admin, group_of(settings, proc)), proc)
+    finally:
+        await admin.close()
+    truncated = {t for proc in downstream(name) for t in PROCESSORS[proc].outputs}
+    starts: list[GroupStart] = []
+    resets: list[str] = []
+    for proc in downstream(name):
+        owned = PROCESSORS[proc]
+        for t in owned.inputs:
+            rule = start_rule(t, args.topic, truncated, args.from_time, args.from_offset, proc)
+            offsets: tuple[tuple[int, int], ...] = ()
+            if rule == START_OF_RANGE:
+                offsets = tuple((r.partition, r.start) for r in rngs)
+            elif rule == AT_TIME:
+                at = await _offsets(settings, settings.topic(t), args.from_time, None, None, None, None)
+                offsets = tuple((r.partition, r.start) for r in at)
+            starts.append(GroupStart(proc, group_of(settings, proc), settings.topic(t), rule, offsets))
+        resets += [f"state changelog {settings.topic(t)}: recreated empty" for t in owned.state]
+        resets += [f"output topic {settings.topic(t)}: truncated" for t in owned.outputs]
+        resets += [f"Redis keys {settings.redis_key(k)}: deleted" for k in owned.redis]
     return Plan(topic=topic, source=args.source, target=args.target, ranges=rngs,
-                resets=tuple(resets))
+                resets=tuple(resets), starts=tuple(starts))
 
 
-async def _reset_processor(settings: Settings, proc: str) -> None:
+async def _reset_processor(settings: Settings, proc: str, starts: list[GroupStart]) -> None:
     owned = PROCESSORS[proc]
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
@@ -168,15 +195,20 @@ async def _reset_processor(settings: Settings, proc: str) -> None:
                                         for tp, o in ends.items() if o})
     finally:
         await admin.close()
-    # Move the group to the start of every input (the group is empty: checked).
+    # Move the group to where each input starts (the group is empty: checked).
     group = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                              group_id=group_of(settings, proc), enable_auto_commit=False)
     await group.start()
     try:
-        tps = [tp for t in owned.inputs for tp in await _partitions(group, settings.topic(t))]
-        begins = await group.beginning_offsets(tps)
-        group.assign(tps)   # manual assignment: commits as a simple consumer of an empty group
-        await group.commit({tp: o for tp, o in begins.items()})
+        positions: dict[TopicPartition, int] = {}
+        for start in starts:
+            tps = await _partitions(group, start.topic)
+            if start.rule == BEGINNING:     # truncated just now: its new beginning
+                positions.update(await group.beginning_offsets(tps))
+            else:
+                positions.update({TopicPartition(start.topic, p): o for p, o in start.offsets})
+        group.assign(list(positions))   # manual assignment: commits as a simple consumer of an empty group
+        await group.commit(positions)
     finally:
         await group.stop()
     if owned.redis:
@@ -195,31 +227,18 @@ async def _reset_processor(settings: Settings, proc: str) -> None:
             await redis.aclose()
 
 
-async def _copy_live(settings: Settings, plan_: Plan, dest: str, rate: float | None) -> int:
-    """Copy the planned range record for record into `dest`; returns records copied."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        if dest not in await admin.list_topics():
-            await admin.create_topics([NewTopic(dest, max(r.partition for r in plan_.ranges) + 1, 1)])
-    finally:
-        await admin.close()
+async def _copy_live(settings: Settings, plan_: Plan, sink: TopicSink) -> None:
+    """Copy the planned range, record for record, into `sink`."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 isolation_level="read_committed", enable_auto_commit=False,
                                 max_partition_fetch_bytes=8 * 1024 * 1024)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=5, max_batch_size=512 * 1024)
     await consumer.start()
-    await producer.start()
-    copied, started = 0, time.monotonic()
-    bar = tqdm(total=plan_.records, unit="rec", file=sys.stderr, desc=f"replay {plan_.topic}")
     try:
         live = [r for r in plan_.ranges if r.records]
         consumer.assign([TopicPartition(plan_.topic, r.partition) for r in live])
         for r in live:
             consumer.seek(TopicPartition(plan_.topic, r.partition), r.start)
         remaining = {r.partition: r.end for r in live}
-        pending = []
         while remaining:
             batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
             for tp, records in batches.items():
@@ -229,45 +248,51 @@ async def _copy_live(settings: Settings, plan_: Plan, dest: str, rate: float | N
                 for record in records:
                     if record.offset >= end:
                         break
-                    pending.append(await producer.send(dest, key=record.key, value=record.value,
-                                                       partition=tp.partition))
-                    copied += 1
+                    await sink.send(tp.partition, record.key, record.value)
                 if await consumer.position(tp) >= end:
                     remaining.pop(tp.partition, None)
                     consumer.pause(tp)
-            bar.update(copied - bar.n)
-            if len(pending) > 10_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-            if rate:
-                ahead = copied / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-        await asyncio.gather(*pending)
     finally:
-        bar.close()
-        await producer.stop()
         await consumer.stop()
-    return copied
+
+
+def _range_args(args) -> str:
+    """The range options of the command line, to suggest another command with them."""
+    pairs = [("--from", args.from_time), ("--to", args.to_time), ("--from-offset", args.from_offset),
+             ("--to-offset", args.to_offset), ("--partitions", args.partitions)]
+    return "".join(f" {flag} {value}" for flag, value in pairs if value is not None)
 
 
 async def run(settings: Settings, args) -> int:
+    started = time.monotonic()
+    kind, name = target_of(args.target)
+    source: ArchiveSource | None = None
     if args.source == "archive":
-        raise ReplayError("--source archive: not available yet (needs the archive worker)")
-    plan_ = await plan(settings, args)
+        if kind == "processor":
+            refuse_archive_processor(args.topic, name, _range_args(args), settings.prefix)
+        source = await ArchiveSource.open(settings, args, partitions_of(args))
+        plan_ = await source.plan(args.target)
+    else:
+        plan_ = await plan(settings, args)
     print(plan_.render(args.execute), flush=True)
     if not args.execute:
         return 0
-    started = time.monotonic()
-    kind, _, name = args.target.partition(":")
     if kind == "topic":
-        copied = await _copy_live(settings, plan_, settings.topic(name), args.rate)
+        dest = settings.topic(name)
+        if not plan_.records:
+            print(f"nothing to replay into {dest}")
+            return 0
+        needed = max(r.partition for r in plan_.ranges) + 1
+        async with TopicSink(settings, dest, needed, plan_.records, f"replay {plan_.topic}",
+                             args.rate) as sink:
+            events = await (source.copy(sink) if source else _copy_live(settings, plan_, sink))
         elapsed = time.monotonic() - started
-        print(f"replayed {copied} records into {settings.topic(name)} in {elapsed:.1f} s "
-              f"({copied / max(elapsed, 1e-9):,.0f}/s)")
+        counted = "" if events is None else f" ({events} events, {events / max(elapsed, 1e-9):,.0f}/s)"
+        print(f"replayed {sink.sent} records{counted} into {dest} in {elapsed:.2f} s, plan included "
+              f"({sink.sent / max(elapsed, 1e-9):,.0f} records/s)")
         return 0
     for proc in downstream(name):
-        await _reset_processor(settings, proc)
+        await _reset_processor(settings, proc, [s for s in plan_.starts if s.processor == proc])
     workers = " and ".join(f"`clickloop worker {p}`" for p in downstream(name))
     print(f"reset {', '.join(downstream(name))}; start {workers} to rebuild from "
           f"{plan_.records} input records")
