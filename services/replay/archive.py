@@ -35,7 +35,7 @@ from streams.archive_layout import FileRange, Selection, flushes, parse_time_rul
 from streams.archive_records import Records, Tally, in_order, select, tally, time_columns, to_records
 from streams.archive_store import ArchiveStore
 
-DECODE_AHEAD = 2        # flushes decoding while one is sent
+DECODE_AHEAD = 2        # flushes decoding while one is sent (1 left the sender waiting)
 
 
 @dataclass
@@ -71,8 +71,8 @@ class ArchiveSource:
     async def plan(self, target: str) -> Plan:
         """Counts of what the selection holds, per partition, from the offset and time columns."""
         columns = [PARTITION, OFFSET] + time_columns(self.selection.time_field)
-        tallies = await asyncio.gather(*(asyncio.to_thread(self._tally, paths, columns)
-                                         for _, paths in self.units))
+        tallies = await asyncio.to_thread(lambda: [self._tally(paths, columns)
+                                                   for _, paths in self.units])
         per: dict[int, tuple[Tally, int]] = {}
         for (frange, paths), counted in zip(self.units, tallies):
             before, files = per.get(frange.partition, (Tally(0, 0, -1, -1), 0))
@@ -90,15 +90,18 @@ class ArchiveSource:
         return Plan(topic=self.topic, source="archive", target=target, ranges=ranges,
                     notes=tuple(notes))
 
+    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        # ParquetFile, not read_table: without the dataset layer a small file reads
+        # in a fifth of the time (0.25 ms against 1.3 ms, measured on the bench's files).
+        return select(pq.ParquetFile(path, filesystem=self.store.fs).read(columns=columns),
+                      self.selection)
+
     def _tally(self, paths: tuple[str, ...], columns: list[str]) -> Tally:
-        tables = [select(pq.read_table(p, columns=columns, filesystem=self.store.fs), self.selection)
-                  for p in paths]
-        return tally(pa.concat_tables(tables))
+        return tally(pa.concat_tables([self._read(p, columns) for p in paths]))
 
     def _records(self, paths: tuple[str, ...]) -> Records:
         """Blocking: one flush's selected rows, rebuilt into its records."""
-        tables = [select(pq.read_table(p, filesystem=self.store.fs), self.selection) for p in paths]
-        return to_records(self.spec, in_order(self.spec, tables))
+        return to_records(self.spec, in_order(self.spec, [self._read(p) for p in paths]))
 
     async def copy(self, sink: TopicSink) -> int:
         """Send the selected records to `sink`, in offset order per partition; returns events."""
