@@ -93,8 +93,8 @@ class ArchiveSource:
     def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
         # ParquetFile, not read_table: without the dataset layer a small file reads
         # in a fifth of the time (0.25 ms against 1.3 ms, measured on the bench's files).
-        return select(pq.ParquetFile(path, filesystem=self.store.fs).read(columns=columns),
-                      self.selection)
+        with pq.ParquetFile(path, filesystem=self.store.fs) as parquet:
+            return select(parquet.read(columns=columns), self.selection)
 
     def _tally(self, paths: tuple[str, ...], columns: list[str]) -> Tally:
         return tally(pa.concat_tables([self._read(p, columns) for p in paths]))

@@ -138,7 +138,7 @@ async def plan(settings: Settings, args) -> Plan:
             raise ReplayError(f"{name} does not read {args.topic}")
         check_processor_range(args.to_time, args.to_offset, parts)
     rngs = await _offsets(settings, topic, args.from_time, args.to_time,
-                             args.from_offset, args.to_offset, parts)
+                          args.from_offset, args.to_offset, parts)
     if kind == "topic":
         return Plan(topic=topic, source=args.source, target=args.target, ranges=rngs)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
