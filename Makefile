@@ -4,12 +4,17 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed
 JARS := deploy/kafka/lib/.resolved
+# rustup installs cargo here; the native core (native/) is built by pip install.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: setup up test test-unit bench infra-start infra-stop clean
 
 setup: $(STAMP) $(JARS) /usr/bin/redis-server
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
+	@command -v cargo >/dev/null || { command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q cargo; } || \
+	  { echo "clickloop builds its native core with Rust: install it (https://rustup.rs or apt-get install cargo)"; exit 1; }
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

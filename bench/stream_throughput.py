@@ -55,7 +55,8 @@ async def raw_loop(bootstrap: str, topic: str, n: int) -> float:
 
 def sessionizer(settings, n: int, timeout_s: float, profile: str | None = None) -> float:
     env = {**os.environ, **settings.as_env()}
-    spy = ["py-spy", "record", "--format", "speedscope", "-o", profile, "--"] if profile else []
+    spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250", "--format", "speedscope",
+           "-o", profile, "--"] if profile else []
     proc = subprocess.Popen([*spy, sys.executable, "-m", "services.cli", "worker", "sessionize"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Callable
 
@@ -77,6 +78,12 @@ def processors() -> dict[str, Builder]:
 
 def run_worker(processor: str, settings: Settings) -> None:
     """Run one processor in the foreground until SIGINT/SIGTERM."""
+    # Two threads share the GIL: Faust's consumer thread (fetching) and the event
+    # loop (processing; the native core releases the GIL while it runs). With
+    # CPython's default 5 ms switch interval each hand-off between them can
+    # stall the other for up to 5 ms; 1 ms measured 10-20% more events/s
+    # (bench/stream_throughput.py) with no cost elsewhere.
+    sys.setswitchinterval(0.001)
     builders = processors()
     if processor not in builders:
         raise SystemExit(f"unknown processor {processor!r}; choose one of {', '.join(builders)}")

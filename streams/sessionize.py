@@ -14,10 +14,10 @@ import orjson
 from services.settings import Settings
 from streams import topics
 from streams.app import now
-from streams.codec import BadRecord, decode_clicks
+from streams.codec import BadRecord
 from streams.dlq import dlq_record
 from streams.meter import Meter
-from streams.sessions import PartitionSessions, SessionConfig, VisitorState
+from streams.sessions import PartitionSessions, SessionConfig
 from streams.txstate import TransactionalState
 
 META = b"\x00meta"
@@ -31,17 +31,15 @@ def config(settings: Settings) -> SessionConfig:
 
 def restore(cfg: SessionConfig, entries: dict[bytes, bytes]) -> PartitionSessions:
     meta = orjson.loads(entries.pop(META)) if META in entries else {}
-    visitors = {k.decode(): VisitorState.from_state(orjson.loads(v)) for k, v in entries.items()}
-    return PartitionSessions(cfg, visitors, **meta)
+    part = PartitionSessions(cfg, **meta)
+    for visitor, state in entries.items():
+        part.load(visitor.decode(), state)
+    return part
 
 
-def dump(part: PartitionSessions, dirty: set[str]) -> list[tuple[bytes, bytes | None]]:
-    out: list[tuple[bytes, bytes | None]] = []
-    for visitor in dirty:
-        state = part.visitors.get(visitor)
-        out.append((visitor.encode(), None if state is None else orjson.dumps(state.to_state())))
-    out.append((META, orjson.dumps(part.meta())))
-    return out
+def dump(part: PartitionSessions) -> list[tuple[bytes, bytes | None]]:
+    """Changelog entries: the visitors changed since the last dump, and the meta entry."""
+    return [*part.take_dirty(), (META, orjson.dumps(part.meta()))]
 
 
 def build(app: faust.App, settings: Settings, meter: Meter) -> None:
@@ -77,28 +75,27 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                 if msg.offset < part.next_offset:
                     continue  # applied before a crash: its effects are in the restored state
                 try:
-                    events = decode_clicks(record.value)
+                    out = part.process_record(record.value, msg.offset + 1)
                 except BadRecord as exc:
                     part.next_offset = msg.offset + 1
                     await txn.send(dlq_topic, key=record.key, value=dlq_record(
                         msg.topic, msg.partition, msg.offset, str(exc), record.key,
                         record.value, "sessionize"))
                     continue
-                out = part.process(events, msg.offset + 1)
-                txn.dirty |= out.touched
-                for session in out.closed:
-                    await txn.send(sessions_topic, key=session["visitor"].encode(),
-                                   value=orjson.dumps(session))
-                for i, (event, reason) in enumerate(out.bad):
+                if out.closed_json:
+                    count = await txn.partition_count(sessions_topic)
+                    for key, session, hash_ in out.closed_json:
+                        txn.append(sessions_topic, (hash_ & 0x7FFFFFFF) % count, key, session)
+                for event, reason in out.bad_json:
                     await txn.send(dlq_topic, key=record.key, value=dlq_record(
-                        msg.topic, msg.partition, msg.offset, reason, record.key,
-                        orjson.dumps(event), "sessionize"))
-                for event, reason in out.late:
+                        msg.topic, msg.partition, msg.offset, reason, record.key, event,
+                        "sessionize"))
+                for event, reason in out.late_json:
                     await txn.send(late_topic, key=record.key, value=orjson.dumps(
                         {"reason": reason, "position": f"{msg.topic}[{msg.partition}]@{msg.offset}",
-                         "watermark": part.watermark, "event": event}))
-                state.pending_events += len(events)
-                meter.update(len(events), now())
+                         "watermark": part.watermark, "event": orjson.Fragment(event)}))
+                state.pending_events += out.events
+                meter.update(out.events, now())
                 state.maybe_checkpoint(now())
 
     @app.on_before_shutdown.connect

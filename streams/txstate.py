@@ -10,9 +10,10 @@ offset tracking and does the transactional part itself, as Kafka Streams does:
   transactional id derived from the group and the partition; starting it
   fences a zombie that still owned the partition and aborts its open
   transaction;
-- the agent appends outputs to local batches and marks state keys dirty; a
-  checkpoint (every `interval_s`, or sooner under load) cuts a unit — those
-  batches, the dirty keys serialized at that instant including the next input
+- the agent appends outputs to local batches and the state tracks which of
+  its keys changed; a checkpoint (every `interval_s`, or sooner under load)
+  cuts a unit — those batches, the changed keys serialized at that instant
+  including the next input
   offset, the events to ack — and commits it in one transaction while the
   agent goes on filling fresh batches (a commit never stalls processing);
   only after the commit are the unit's input events acked, so Faust commits
@@ -35,11 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import murmur2
+
+from streams._native import murmur2
 
 log = logging.getLogger("clickloop.txstate")
 
-Dump = Callable[[Any, set], list[tuple[bytes, bytes | None]]]
+# The state's changelog entries changed since the last call (None value: deleted).
+Dump = Callable[[Any], list[tuple[bytes, bytes | None]]]
 
 
 @dataclass
@@ -62,21 +65,26 @@ class PartitionTxn:
     producer: AIOKafkaProducer
     state: Any
     changelog: str
-    dirty: set = field(default_factory=set)
     pending_acks: list = field(default_factory=list)
     batches: dict = field(default_factory=dict)     # (topic, partition) -> [BatchBuilder, ...]
     partition_counts: dict = field(default_factory=dict)
 
+    async def partition_count(self, topic: str) -> int:
+        count = self.partition_counts.get(topic)
+        if count is None:
+            count = self.partition_counts[topic] = len(await self.producer.partitions_for(topic))
+        return count
+
     async def send(self, topic: str, value: bytes | None, key: bytes | None = None,
                    partition: int | None = None) -> None:
+        """Add a record to the transaction, to Kafka's default partition for its key."""
         if partition is None:
-            count = self.partition_counts.get(topic)
-            if count is None:
-                count = self.partition_counts[topic] = len(await self.producer.partitions_for(topic))
+            count = await self.partition_count(topic)
             partition = (murmur2(key) & 0x7FFFFFFF) % count if key is not None else 0
-        self._append(topic, partition, key, value)
+        self.append(topic, partition, key, value)
 
-    def _append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> None:
+    def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> None:
+        """`send` without the partitioner, for a hot path that hashed the key already."""
         builders = self.batches.get((topic, partition))
         if builders is None:
             builders = self.batches[(topic, partition)] = [self.producer.create_batch()]
@@ -86,12 +94,12 @@ class PartitionTxn:
 
     def cut(self, dump: Dump) -> Unit | None:
         """Take what is uncommitted as one unit; the agent goes on with fresh buffers."""
-        if not (self.dirty or self.batches or self.pending_acks):
+        if not (self.batches or self.pending_acks):
             return None
-        for key, value in dump(self.state, self.dirty):
-            self._append(self.changelog, self.partition, key, value)
+        for key, value in dump(self.state):
+            self.append(self.changelog, self.partition, key, value)
         unit = Unit(self.batches, self.pending_acks)
-        self.dirty, self.batches, self.pending_acks = set(), {}, []
+        self.batches, self.pending_acks = {}, []
         return unit
 
     async def commit(self, unit: Unit) -> None:

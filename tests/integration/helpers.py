@@ -57,5 +57,5 @@ def offline_sessions(records, cfg) -> list[dict]:
         offset = offsets.get(partition, 0)
         offsets[partition] = offset + 1
         part = parts.setdefault(partition, PartitionSessions(cfg))
-        closed += part.process(orjson.loads(value)["events"], offset + 1).closed
+        closed += part.process_record(value, offset + 1).closed
     return closed

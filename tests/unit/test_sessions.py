@@ -6,7 +6,8 @@ import orjson
 import pytest
 
 from schemas import json_schema
-from streams.sessions import PartitionSessions, SessionConfig, VisitorState, session_id, utm_of
+from streams.codec import BadRecord
+from streams.sessions import PartitionSessions, SessionConfig, session_id, utm_of
 
 MIN = 60_000
 CFG = SessionConfig(gap_ms=30 * MIN, grace_ms=10 * MIN, max_ms=24 * 60 * MIN)
@@ -183,11 +184,88 @@ def test_session_id_is_deterministic_and_order_independent():
 def test_state_round_trip_resumes_identically():
     """What the changelog stores (JSON) is enough to resume after a crash."""
     _, _, _, part = run([ev("u1", 0), ev("u1", 4), ev("a2", 25), ev("u1", 60)])
-    restored = PartitionSessions(CFG, {
-        v: VisitorState.from_state(orjson.loads(orjson.dumps(s.to_state())))
-        for v, s in part.visitors.items()}, **part.meta())
+    restored = PartitionSessions(CFG, **part.meta())
+    for visitor, state in part.take_dirty():
+        restored.load(visitor.decode(), state)
     tail = [ev("u1", 66), ev("u3", 200)]
     expected = part.process(tail, 10).closed
     assert restored.process(tail, 10).closed == expected
     assert [(s["visitor"], s["session_index"]) for s in expected] == [("a2", 1), ("u1", 2)]
     assert restored.next_offset == 10
+
+
+# What reaches the core is a record's bytes: envelope problems are the record's,
+# field problems the event's.
+@pytest.mark.parametrize("record,reason", [
+    (b'{"v":1,"events":[{"message_id":"m"', "not JSON"),
+    (b'{"v":1,"events":[]} trailing', "not JSON"),
+    (b"[1, 2]", "not a ClickBatch"),
+    (b'{"v":1}', "not a ClickBatch"),
+    (b'{"v":1,"events":{"a":1}}', "not a ClickBatch"),
+])
+def test_a_record_that_is_not_a_click_batch_is_refused_whole(record, reason):
+    part = PartitionSessions(CFG)
+    with pytest.raises(BadRecord, match=reason):
+        part.process_record(record, 1)
+    assert (part.visitors, part.next_offset) == ([], 0)
+
+
+def test_a_record_cut_short_applies_none_of_its_events():
+    whole = orjson.dumps({"v": 1, "events": [ev("u1", 0), ev("u1", 1)]})
+    part = PartitionSessions(CFG)
+    with pytest.raises(BadRecord):
+        part.process_record(whole[:-30], 1)
+    assert part.visitors == [] and part.watermark == -1
+
+
+@pytest.mark.parametrize("event,reason", [
+    ([1, 2], "event is not a JSON object"),
+    ({**ev("u1", 0), "timestamp": 1.5}, "integer timestamp"),
+    ({**ev("u1", 0), "timestamp": True}, "integer timestamp"),
+    ({**ev("u1", 0), "message_id": ""}, "message_id"),
+    ({**ev("u1", 0), "type": 3}, "a type"),
+    ({**ev("a1", 0), "anonymous_id": None}, "user_id/anonymous_id"),
+])
+def test_a_bad_event_is_handed_back_alone_with_the_reason(event, reason):
+    out = PartitionSessions(CFG).process([event, ev("u2", 0)], 1)
+    assert [(e, r) for e, r in out.bad if reason in r] == [(event, out.bad[0][1])]
+    assert out.events == 2 and len(out.bad) == 1
+
+
+def test_fields_of_an_unexpected_type_read_as_absent():
+    odd = ev("u1", 0, path="/p", device="mobile")
+    odd["context"]["page"]["referrer"] = 42
+    odd["context"]["ua"]["device"] = ["x"]
+    odd["properties"] = "not an object"
+    (s,), _, _, _ = run([odd, ev("u2", 99)])
+    assert (s["referrer"], s["device"], s["landing_page"]) == (None, "other", "/p")
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("7", ["7"]), (7, ["7"]), (7.5, ["7.5"]), (0, []), ("", []),
+])
+def test_item_ids_read_as_python_str_of_the_value(item, expected):
+    event = ev("u1", 0)
+    event["properties"] = {"item_id": item}
+    (s,), _, _, _ = run([event, ev("u2", 99)])
+    assert s["items"] == expected
+
+
+def test_a_late_or_bad_event_comes_back_exactly_as_sent():
+    sent = {**ev("u1", 0), "extra": {"nested": [1, "é", None]}, "context": {"weird": "\u2028"}}
+    part = PartitionSessions(CFG)
+    part.process([ev("u2", 500)], 1)
+    (late, reason), = part.process([sent], 2).late
+    assert late == sent and "watermark" in reason
+
+
+@pytest.mark.parametrize("context,utm", [
+    ({"page": {"url": "https://x/?utm_source=a%2Bb+c&utm_medium=%E2%82%AC"}}, {"source": "a+b c", "medium": "€"}),
+    ({"page": {"url": "https://x/?utm_source=a&utm_source=b#utm_term=no"}}, {"source": "b"}),
+    ({"page": {"url": "https://x/?utm_source=a&utm_source=&utm_medium"}}, {"source": "a"}),
+    ({"campaign": {"source": 5, "medium": True, "name": "", "campaign": "c"}},
+     {"source": "5", "medium": "True", "campaign": "c"}),
+    ({"campaign": {"other": 1}, "page": {"url": "https://x/?utm_source=a"}}, {}),
+])
+def test_utm_edge_cases_follow_parse_qsl(context, utm):
+    assert utm_of(context) == utm

@@ -1,0 +1,132 @@
+//! `streams._native`: clickloop's compiled hot paths — the session-window core
+//! of the sessionizer and Kafka's partitioner hash.
+//!
+//! The rules are documented (and tested) through their Python face,
+//! streams/sessions.py. Here a record is parsed and folded in one pass without
+//! building Python objects, which is what lets the sessionizer run near the
+//! speed of a raw Kafka consumer (README, "Performance"); the GIL is released
+//! while a record is processed, so Faust's consumer thread fetches meanwhile.
+
+mod event;
+mod partition;
+mod session;
+
+use partition::{Config, Partition as Core, VisitorState};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use session::Names;
+
+#[pyclass(module = "streams._native")]
+struct Partition {
+    core: Core,
+}
+
+#[pymethods]
+impl Partition {
+    #[new]
+    #[pyo3(signature = (gap_ms, grace_ms, max_ms, search_events, item_events, watermark=-1, next_offset=0))]
+    fn new(gap_ms: i64, grace_ms: i64, max_ms: i64, search_events: Vec<String>,
+           item_events: Vec<String>, watermark: i64, next_offset: i64) -> Self {
+        let names = Names { search: search_events.into_iter().collect(), item: item_events.into_iter().collect() };
+        Partition { core: Core::new(Config { gap_ms, grace_ms, max_ms }, names, watermark, next_offset) }
+    }
+
+    #[getter]
+    fn watermark(&self) -> i64 {
+        self.core.watermark
+    }
+
+    #[getter]
+    fn next_offset(&self) -> i64 {
+        self.core.next_offset
+    }
+
+    #[setter]
+    fn set_next_offset(&mut self, offset: i64) {
+        self.core.next_offset = offset;
+    }
+
+    /// Fold one `clicks` record in. Returns (events, closed, late, bad, duplicates):
+    /// closed as [(visitor key, session JSON, murmur2(key))], late and bad as
+    /// [(event JSON, reason)].
+    /// ValueError with the reason when the record is not a ClickBatch.
+    #[pyo3(signature = (record, next_offset=None))]
+    fn process<'py>(&mut self, py: Python<'py>, record: &[u8], next_offset: Option<i64>)
+                    -> PyResult<(usize, Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, usize)> {
+        let core = &mut self.core;
+        let out = py.allow_threads(|| core.process(record, next_offset)).map_err(PyValueError::new_err)?;
+        let closed = PyList::empty_bound(py);
+        for (visitor, json, hash) in &out.closed {
+            closed.append((PyBytes::new_bound(py, visitor.as_bytes()), PyBytes::new_bound(py, json), *hash))?;
+        }
+        let (late, bad) = (PyList::empty_bound(py), PyList::empty_bound(py));
+        if !(out.late.is_empty() && out.bad.is_empty()) {
+            let raw = event::raw_events(record);
+            for (list, events) in [(&late, &out.late), (&bad, &out.bad)] {
+                for (index, reason) in events {
+                    let text = raw.get(*index).map_or("null", |r| r.get());
+                    list.append((PyBytes::new_bound(py, text.as_bytes()), *reason))?;
+                }
+            }
+        }
+        Ok((out.events, closed, late, bad, out.duplicates))
+    }
+
+    /// Put back one visitor's state (JSON, as `take_dirty` wrote it).
+    fn load(&mut self, visitor: String, state: &[u8]) -> PyResult<()> {
+        let state: VisitorState = serde_json::from_slice(state)
+            .map_err(|e| PyValueError::new_err(format!("visitor {visitor}: bad state: {e}")))?;
+        self.core.load(visitor, state);
+        Ok(())
+    }
+
+    /// [(visitor, state JSON or None when removed)] changed since the last call.
+    fn take_dirty<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty_bound(py);
+        for (visitor, state) in self.core.take_dirty() {
+            let value = state.map(|s| PyBytes::new_bound(py, &serde_json::to_vec(s).expect("state serializes")));
+            out.append((PyBytes::new_bound(py, visitor.as_bytes()), value))?;
+        }
+        Ok(out)
+    }
+
+    /// One visitor's state as JSON, or None.
+    fn state_of<'py>(&self, py: Python<'py>, visitor: &str) -> Option<Bound<'py, PyBytes>> {
+        self.core.visitors.get(visitor)
+            .map(|s| PyBytes::new_bound(py, &serde_json::to_vec(s).expect("state serializes")))
+    }
+
+    fn visitors(&self) -> Vec<String> {
+        self.core.visitors.keys().cloned().collect()
+    }
+}
+
+/// The deterministic session id: a hash of visitor, start and first message id.
+#[pyfunction]
+fn session_id(visitor: &str, start: i64, first_message_id: &str) -> String {
+    session::session_id(visitor, start, first_message_id)
+}
+
+/// UTM parameters of an event's context (JSON) as [(key, value)].
+#[pyfunction]
+fn utm_of(context: &[u8]) -> PyResult<Vec<(String, String)>> {
+    let context: event::Obj<event::Context> = serde_json::from_slice(context)
+        .map_err(|e| PyValueError::new_err(format!("context: {e}")))?;
+    Ok(context.value.as_ref().map(session::utm_of).unwrap_or_default())
+}
+
+/// Kafka's default partitioner hash of a key: partition = (murmur2(key) & 0x7fffffff) % n.
+#[pyfunction]
+fn murmur2(key: &[u8]) -> u32 {
+    event::murmur2(key)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(murmur2, m)?)?;
+    m.add_class::<Partition>()?;
+    m.add_function(wrap_pyfunction!(session_id, m)?)?;
+    m.add_function(wrap_pyfunction!(utm_of, m)?)?;
+    Ok(())
+}
