@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: settings with a fresh prefix, synthetic records, producing."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import time
@@ -19,6 +20,17 @@ def bench_settings(partitions: int | None = None) -> Settings:
     infra.start_all(base)
     return dataclasses.replace(base, prefix=f"bench-{uuid.uuid4().hex[:8]}.",
                                partitions=partitions or base.partitions)
+
+
+def bench_arguments(doc: str, events: int, profiled: str) -> argparse.ArgumentParser:
+    """The options every throughput benchmark takes: --events, --per-record, --profile."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--events", type=int, default=events)
+    parser.add_argument("--per-record", type=int, default=100,
+                        help="events per Kafka record (the collector's micro-batch envelope)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help=f"record {profiled} with py-spy into FILE (speedscope JSON)")
+    return parser
 
 
 async def produce(settings: Settings, topic: str,

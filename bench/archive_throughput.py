@@ -14,7 +14,6 @@ Last line: events=N archive_eps=X raw_eps=Y ratio=X/Y
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import os
@@ -30,7 +29,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import bench_settings, click_events, click_records, produce  # noqa: E402
+from bench._common import (bench_arguments, bench_settings, click_events,  # noqa: E402
+                           click_records, produce)
 from bench.stream_throughput import raw_loop  # noqa: E402
 from services.settings import Settings  # noqa: E402
 from streams import topics  # noqa: E402
@@ -82,21 +82,21 @@ def archived_rows(settings: Settings, topic: str) -> tuple[int, int]:
     return sum(pq.read_metadata(p, filesystem=store.fs).num_rows for p in files), len(files)
 
 
+def archive_settings(interval_s: int = 1) -> Settings:
+    """Fresh benchmark settings archiving only `clicks`, into a folder of their own."""
+    settings = bench_settings()
+    return dataclasses.replace(
+        settings, archive_topics=(topics.CLICKS,), archive_interval_s=interval_s,
+        archive_uri=str(settings.state_dir / "bench-archive" / settings.prefix.rstrip(".")))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--per-record", type=int, default=100,
-                        help="events per Kafka record (the collector's micro-batch envelope)")
+    parser = bench_arguments(__doc__, 1_000_000, "the worker")
     parser.add_argument("--interval", type=int, default=1,
                         help="CLICKLOOP_ARCHIVE_INTERVAL_S for the run (the last flush waits for it)")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="record the worker with py-spy into FILE (speedscope JSON)")
     args = parser.parse_args()
-    settings = bench_settings()
-    archive_dir = settings.state_dir / "bench-archive" / settings.prefix.rstrip(".")
-    settings = dataclasses.replace(settings, archive_topics=(topics.CLICKS,),
-                                   archive_uri=str(archive_dir),
-                                   archive_interval_s=args.interval)
+    settings = archive_settings(args.interval)
+    archive_dir = settings.archive_root
     topic = settings.topic(topics.CLICKS)
     asyncio.run(ensure_topics(settings))
     records = click_records(click_events(args.events), settings.partitions, args.per_record)

@@ -14,9 +14,7 @@ Last line: events=N archive_eps=X replay_eps=Y
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import dataclasses
 import os
 import re
 import shutil
@@ -28,8 +26,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import bench_settings, click_events, click_records, produce  # noqa: E402
-from bench.archive_throughput import archive_topic  # noqa: E402
+from bench._common import bench_arguments, click_events, click_records, produce  # noqa: E402
+from bench.archive_throughput import archive_settings, archive_topic  # noqa: E402
 from services.settings import Settings  # noqa: E402
 from streams import topics  # noqa: E402
 from streams.codec import decode_clicks  # noqa: E402
@@ -75,17 +73,9 @@ async def count(settings: Settings, topic: str) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--per-record", type=int, default=100,
-                        help="events per Kafka record (the collector's micro-batch envelope)")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="record the replay with py-spy into FILE (speedscope JSON)")
-    args = parser.parse_args()
-    settings = bench_settings()
-    archive_dir = settings.state_dir / "bench-archive" / settings.prefix.rstrip(".")
-    settings = dataclasses.replace(settings, archive_topics=(topics.CLICKS,),
-                                   archive_uri=str(archive_dir), archive_interval_s=1)
+    args = bench_arguments(__doc__, 1_000_000, "the replay").parse_args()
+    settings = archive_settings()
+    archive_dir = settings.archive_root
     asyncio.run(ensure_topics(settings))
     records = click_records(click_events(args.events), settings.partitions, args.per_record)
     produce_s = asyncio.run(produce(settings, settings.topic(topics.CLICKS), records))
