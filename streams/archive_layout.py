@@ -227,3 +227,23 @@ def flushes(paths: list[str], selection: Selection) -> list[tuple[FileRange, tup
         if f is not None and not f.temp and selection.keeps(f.range, hour_of_path(path)):
             by_range.setdefault(f.range, []).append(path)
     return [(r, tuple(sorted(by_range[r]))) for r in sorted(by_range)]
+
+
+def committed_only(units: list[tuple[FileRange, tuple[str, ...]]], committed: dict[int, int]
+                   ) -> tuple[list[tuple[FileRange, tuple[str, ...]]], int]:
+    """The flushes the archive worker has committed, and how many files were left out.
+
+    A flush is committed (its offsets acked) only once every file of it is renamed
+    into place; before that a reader may see some of its hour files and not the
+    others, and a crash has the worker's recovery delete them. So a flush whose
+    first offset is at or past the group's committed offset is not read. A
+    partition without a committed offset (`committed` lacks it: the worker never
+    committed, or its group's offsets expired) has nothing to compare with: all
+    of its files are read."""
+    kept, left_out = [], 0
+    for frange, paths in units:
+        if frange.first < committed.get(frange.partition, frange.first + 1):
+            kept.append((frange, paths))
+        else:
+            left_out += len(paths)
+    return kept, left_out

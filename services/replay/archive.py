@@ -12,6 +12,9 @@ under CLICKLOOP_ARCHIVE_URI. What is selected (streams/archive_layout.Selection)
 - `--from-offset`/`--to-offset`/`--partitions` select by the Kafka position,
   which the file names give, so other files are not opened.
 
+Only flushes the archive worker has committed are read (`committed_only`): the
+archive may be replayed while the worker writes it.
+
 A record is rebuilt from all the hour files of the flush that archived it
 (streams/archive_records.py), one flush at a time in a thread — Parquet and the
 Arrow kernels release the GIL, so the next flushes decode while this one is
@@ -31,7 +34,8 @@ from schemas.times import ms_to_iso
 from services.replay.plan import PartitionRange, Plan, ReplayError, parse_time
 from services.replay.sink import TopicSink
 from services.settings import Settings
-from streams.archive_layout import FileRange, Selection, flushes, parse_time_rules, time_field
+from streams.archive_layout import (FileRange, Selection, committed_only, flushes, parse_time_rules,
+                                    time_field)
 from streams.archive_records import Records, Tally, in_order, select, tally, time_columns, to_records
 from streams.archive_store import ArchiveStore
 
@@ -46,9 +50,12 @@ class ArchiveSource:
     store: ArchiveStore
     units: list[tuple[FileRange, tuple[str, ...]]]
     total_files: int
+    uncommitted: int                # files of flushes the worker has not committed: not read
 
     @classmethod
-    async def open(cls, settings: Settings, args, partitions: set[int] | None) -> "ArchiveSource":
+    async def open(cls, settings: Settings, args, partitions: set[int] | None,
+                   committed: dict[int, int]) -> "ArchiveSource":
+        """`committed`: the archive worker's committed offsets of the topic, by partition."""
         spec = SCHEMAS.get(args.topic)
         if spec is None:
             raise ReplayError(f"{args.topic} is not archived: the archive holds "
@@ -65,8 +72,8 @@ class ArchiveSource:
         if not paths:
             raise ReplayError(f"no archive of {topic} under {store.uri} (CLICKLOOP_ARCHIVE_URI): "
                               f"run `clickloop worker archive` first, or replay --source live")
-        units = flushes(paths, selection)
-        return cls(topic, spec, selection, store, units, len(paths))
+        units, uncommitted = committed_only(flushes(paths, selection), committed)
+        return cls(topic, spec, selection, store, units, len(paths), uncommitted)
 
     async def plan(self, target: str) -> Plan:
         """Counts of what the selection holds, per partition, from the offset and time columns."""
@@ -83,6 +90,9 @@ class ArchiveSource:
         notes = [f"archive {self.store.uri}/topic={self.topic}: "
                  f"{sum(len(p) for _, p in self.units)} of {self.total_files} file(s) may hold "
                  f"the selection"]
+        if self.uncommitted:
+            notes.append(f"{self.uncommitted} file(s) of flushes the archive worker has not "
+                         f"committed yet are left out (their records are newer)")
         if sel.from_ms is not None or sel.to_ms is not None:
             notes.append(f"rows whose {sel.time_field} is in "
                          f"[{ms_to_iso(sel.from_ms) if sel.from_ms is not None else '-inf'}, "

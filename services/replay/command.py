@@ -70,6 +70,9 @@ def downstream(processor: str) -> list[str]:
     return order
 
 
+ARCHIVER = "archive"     # the archive worker (streams/archive.py): its group commits archived offsets
+
+
 def group_of(settings: Settings, processor: str) -> str:
     return f"{settings.prefix}clickloop-{processor}"
 
@@ -107,6 +110,18 @@ async def _offsets(settings: Settings, topic: str, from_: str | None, to: str | 
                       partitions)
     finally:
         await consumer.stop()
+
+
+async def _committed(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets of `topic`, by partition (none: empty)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items()
+            if tp.topic == topic and meta.offset >= 0}
 
 
 async def _active_members(admin: AIOKafkaAdminClient, group: str) -> int:
@@ -270,7 +285,8 @@ async def run(settings: Settings, args) -> int:
     if args.source == "archive":
         if kind == "processor":
             refuse_archive_processor(args.topic, name, _range_args(args), settings.prefix)
-        source = await ArchiveSource.open(settings, args, partitions_of(args))
+        committed = await _committed(settings, group_of(settings, ARCHIVER), settings.topic(args.topic))
+        source = await ArchiveSource.open(settings, args, partitions_of(args), committed)
         plan_ = await source.plan(args.target)
     else:
         plan_ = await plan(settings, args)

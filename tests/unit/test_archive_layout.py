@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from streams.archive_layout import (ArchivedFile, FileRange, FlushPolicy, Selection, flushes,
+from streams.archive_layout import (ArchivedFile, FileRange, FlushPolicy, Selection, committed_only,
+                                    flushes,
                                     hour_dir, hour_of, hour_of_path, parse, parse_time_rules,
                                     plan_recovery, time_field)
 
@@ -145,3 +146,11 @@ def test_flushes_group_the_hour_files_of_one_flush_in_offset_order():
     assert got == [(FileRange(0, 0, 9), (at(HOUR, "0-0-9.parquet"),)),
                    (FileRange(0, 10, 19), (at(HOUR, "0-10-19.parquet"), at(HOUR + 1, "0-10-19.parquet"))),
                    (FileRange(1, 0, 4), (at(HOUR, "1-0-4.parquet"),))]
+
+
+def test_only_committed_flushes_are_read():
+    units = [(FileRange(0, 0, 9), ("a", "b")), (FileRange(0, 10, 19), ("c",)),
+             (FileRange(1, 0, 4), ("d",)), (FileRange(2, 0, 4), ("e",))]
+    kept, left_out = committed_only(units, {0: 10, 1: 0})
+    assert kept == [units[0], units[3]], "partition 2 has no committed offset: read it all"
+    assert left_out == 2, "0-10-19 is not committed yet, nor is anything of partition 1"
