@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import dataclasses
 import time
 import uuid
@@ -13,13 +14,17 @@ from aiokafka import AIOKafkaProducer
 from services import infra
 from services.demo import click_events, click_records  # noqa: F401 (re-exported for benches)
 from services.settings import Settings
+from streams.topics import drop_topics
 
 
 def bench_settings(partitions: int | None = None) -> Settings:
+    """Settings with a fresh topic prefix; the run's topics are deleted when it exits."""
     base = Settings.from_env()
     infra.start_all(base)
-    return dataclasses.replace(base, prefix=f"bench-{uuid.uuid4().hex[:8]}.",
-                               partitions=partitions or base.partitions)
+    settings = dataclasses.replace(base, prefix=f"bench-{uuid.uuid4().hex[:8]}.",
+                                   partitions=partitions or base.partitions)
+    atexit.register(lambda: asyncio.run(drop_topics(settings)))
+    return settings
 
 
 def bench_arguments(doc: str, events: int, profiled: str) -> argparse.ArgumentParser:

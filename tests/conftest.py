@@ -3,16 +3,19 @@ once per test session (services.infra: reused when already running); every test
 then gets its own topic/key prefix, so tests never see each other's data."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
 from services.settings import Settings
+from streams.topics import drop_topics
 
 
 @pytest.fixture(scope="session")
@@ -25,9 +28,15 @@ def infra() -> Settings:
 
 
 @pytest.fixture
-def settings(infra: Settings, tmp_path: Path) -> Settings:
-    return dataclasses.replace(infra, prefix=f"it-{uuid.uuid4().hex[:10]}.", partitions=1,
-                               state_dir=tmp_path / "state")
+def settings(infra: Settings, tmp_path: Path):
+    """A test's own prefix for topics and keys; its topics are deleted afterwards."""
+    own = dataclasses.replace(infra, prefix=f"it-{uuid.uuid4().hex[:10]}.", partitions=1,
+                              state_dir=tmp_path / "state")
+    yield own
+    # In a thread of its own: asyncio.run here would unset the session's event loop.
+    cleanup = threading.Thread(target=lambda: asyncio.run(drop_topics(own)))
+    cleanup.start()
+    cleanup.join()
 
 
 @dataclasses.dataclass
