@@ -12,7 +12,6 @@
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
 use std::fmt;
-use std::marker::PhantomData;
 
 /// A JSON value reduced to a scalar; objects and arrays are `Other`.
 #[derive(Debug, Default)]
@@ -131,83 +130,109 @@ impl<'de> Deserialize<'de> for Scalar<'de> {
     }
 }
 
-/// A JSON object read field by field into `T`; any other value reads as `None`.
-#[derive(Debug, Default)]
-pub struct Obj<T> {
-    pub value: Option<T>,
-    /// How many fields the object had: Python truthiness of a dict.
-    pub len: usize,
-}
-
-impl<T> Obj<T> {
-    /// The object when it has at least one field (`if context:` in Python).
-    pub fn nonempty(&self) -> Option<&T> {
-        self.value.as_ref().filter(|_| self.len > 0)
-    }
-}
-
-/// The fields of an object that the rules read; unknown ones are skipped.
-pub trait Fields<'de>: Default {
+/// Where the fields of one JSON object go: flat fields of an `Event`.
+pub trait Sink<'de> {
     fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error>;
 }
 
-struct ObjVisitor<T>(PhantomData<T>);
+/// Deserializes any JSON value: an object's fields go to the sink and the value
+/// is how many it had (Python truthiness of a dict); anything else is skipped
+/// and reads as `None`. Nested objects are written in place, never moved.
+pub struct Into<S>(pub S);
 
-impl<'de, T: Fields<'de>> Visitor<'de> for ObjVisitor<T> {
-    type Value = Obj<T>;
+impl<'de, S: Sink<'de>> DeserializeSeed<'de> for Into<S> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, S: Sink<'de>> Visitor<'de> for Into<S> {
+    type Value = Option<usize>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut value = T::default();
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut len = 0;
         while let Some(key) = map.next_key::<Scalar<'de>>()? {
             len += 1;
-            value.field(key.as_str().unwrap_or(""), &mut map)?;
+            self.0.field(key.as_str().unwrap_or(""), &mut map)?;
         }
-        Ok(Obj { value: Some(value), len })
+        Ok(Some(len))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
     fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
     fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
     fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
     fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
     fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
     fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Obj { value: None, len: 0 })
+        Ok(None)
     }
 }
 
-impl<'de, T: Fields<'de>> Deserialize<'de> for Obj<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ObjVisitor(PhantomData))
-    }
+/// One click event, flat: the `context.page`, `context.ua`, `context.campaign`
+/// and `properties` fields the rules read sit next to the top-level ones, with
+/// the field count of each object (0: absent, empty or not an object).
+#[derive(Debug, Default)]
+pub struct Event<'a> {
+    pub is_object: bool,
+    pub message_id: Scalar<'a>,
+    pub kind: Scalar<'a>,
+    pub event: Scalar<'a>,
+    pub user_id: Scalar<'a>,
+    pub anonymous_id: Scalar<'a>,
+    pub timestamp: Scalar<'a>,
+    pub context_len: usize,
+    pub page_len: usize,
+    pub path: Scalar<'a>,
+    pub url: Scalar<'a>,
+    pub referrer: Scalar<'a>,
+    pub search: Scalar<'a>,
+    pub ua_len: usize,
+    pub device: Scalar<'a>,
+    pub campaign_len: usize,
+    pub source: Scalar<'a>,
+    pub medium: Scalar<'a>,
+    pub name: Scalar<'a>,
+    pub campaign: Scalar<'a>,
+    pub term: Scalar<'a>,
+    pub content: Scalar<'a>,
+    pub props_len: usize,
+    pub item_id: Scalar<'a>,
+    pub product_id: Scalar<'a>,
 }
 
-/// Implements `Fields` by matching JSON keys to struct fields.
-macro_rules! fields {
-    ($ty:ident { $($key:literal => $field:ident),* $(,)? }) => {
-        impl<'de> Fields<'de> for $ty<'de> {
+/// A sink writing the listed keys of one object into fields of an `Event`.
+macro_rules! sink {
+    ($name:ident { $($key:literal => $field:ident),* $(,)? } $(nested { $($nkey:literal => $nlen:ident / $nsink:ident),* })?) => {
+        pub struct $name<'e, 'a>(pub &'e mut Event<'a>);
+
+        impl<'de> Sink<'de> for $name<'_, 'de> {
             fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
                 match key {
-                    $($key => self.$field = map.next_value()?,)*
+                    $($key => self.0.$field = map.next_value()?,)*
+                    $($($nkey => {
+                        self.0.$nlen = map.next_value_seed(Into($nsink(&mut *self.0)))?.unwrap_or(0);
+                    })*)?
                     _ => {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -218,62 +243,16 @@ macro_rules! fields {
     };
 }
 
-#[derive(Debug, Default)]
-pub struct Event<'a> {
-    pub message_id: Scalar<'a>,
-    pub kind: Scalar<'a>,
-    pub event: Scalar<'a>,
-    pub user_id: Scalar<'a>,
-    pub anonymous_id: Scalar<'a>,
-    pub timestamp: Scalar<'a>,
-    pub context: Obj<Context<'a>>,
-    pub properties: Obj<Props<'a>>,
-}
-fields!(Event { "message_id" => message_id, "type" => kind, "event" => event, "user_id" => user_id,
-                "anonymous_id" => anonymous_id, "timestamp" => timestamp, "context" => context,
-                "properties" => properties });
-
-#[derive(Debug, Default)]
-pub struct Context<'a> {
-    pub page: Obj<Page<'a>>,
-    pub ua: Obj<Ua<'a>>,
-    pub campaign: Obj<Campaign<'a>>,
-}
-fields!(Context { "page" => page, "ua" => ua, "campaign" => campaign });
-
-#[derive(Debug, Default)]
-pub struct Page<'a> {
-    pub path: Scalar<'a>,
-    pub url: Scalar<'a>,
-    pub referrer: Scalar<'a>,
-    pub search: Scalar<'a>,
-}
-fields!(Page { "path" => path, "url" => url, "referrer" => referrer, "search" => search });
-
-#[derive(Debug, Default)]
-pub struct Ua<'a> {
-    pub device: Scalar<'a>,
-}
-fields!(Ua { "device" => device });
-
-#[derive(Debug, Default)]
-pub struct Campaign<'a> {
-    pub source: Scalar<'a>,
-    pub medium: Scalar<'a>,
-    pub name: Scalar<'a>,
-    pub campaign: Scalar<'a>,
-    pub term: Scalar<'a>,
-    pub content: Scalar<'a>,
-}
-fields!(Campaign { "source" => source, "medium" => medium, "name" => name, "campaign" => campaign,
-                   "term" => term, "content" => content });
-
-#[derive(Debug, Default)]
-pub struct Props<'a> {
-    pub item_id: Scalar<'a>,
-    pub product_id: Scalar<'a>,
-}
-fields!(Props { "item_id" => item_id, "product_id" => product_id });
+sink!(EventSink { "message_id" => message_id, "type" => kind, "event" => event, "user_id" => user_id,
+                  "anonymous_id" => anonymous_id, "timestamp" => timestamp }
+      nested { "context" => context_len / ContextSink, "properties" => props_len / PropsSink });
+sink!(ContextSink {} nested { "page" => page_len / PageSink, "ua" => ua_len / UaSink,
+                              "campaign" => campaign_len / CampaignSink });
+sink!(PageSink { "path" => path, "url" => url, "referrer" => referrer, "search" => search });
+sink!(UaSink { "device" => device });
+sink!(CampaignSink { "source" => source, "medium" => medium, "name" => name, "campaign" => campaign,
+                     "term" => term, "content" => content });
+sink!(PropsSink { "item_id" => item_id, "product_id" => product_id });
 
 pub const NOT_A_BATCH: &str = "not a ClickBatch: expected an object with an \"events\" array";
 
@@ -283,7 +262,7 @@ pub const NOT_A_BATCH: &str = "not a ClickBatch: expected an object with an \"ev
 /// short applies nothing. The vector is sized from the record's length up
 /// front: events are a few hundred bytes each, and growing a vector of them
 /// by doubling showed up as 10% of the core's time in `perf`.
-pub fn parse_envelope(record: &[u8]) -> Result<Vec<Obj<Event<'_>>>, String> {
+pub fn parse_envelope(record: &[u8]) -> Result<Vec<Event<'_>>, String> {
     let mut de = sonic_rs::Deserializer::from_slice(record);
     let capacity = (record.len() / 200).clamp(1, 4096);
     let parsed = EnvelopeSeed { capacity }.deserialize(&mut de).and_then(|events| de.end().map(|_| events));
@@ -299,7 +278,7 @@ struct EnvelopeSeed {
 }
 
 impl<'de> DeserializeSeed<'de> for EnvelopeSeed {
-    type Value = Vec<Obj<Event<'de>>>;
+    type Value = Vec<Event<'de>>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
@@ -307,7 +286,7 @@ impl<'de> DeserializeSeed<'de> for EnvelopeSeed {
 }
 
 impl<'de> Visitor<'de> for EnvelopeSeed {
-    type Value = Vec<Obj<Event<'de>>>;
+    type Value = Vec<Event<'de>>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a ClickBatch object")
@@ -330,7 +309,7 @@ struct EventsSeed {
 }
 
 impl<'de> DeserializeSeed<'de> for EventsSeed {
-    type Value = Vec<Obj<Event<'de>>>;
+    type Value = Vec<Event<'de>>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_seq(self)
@@ -338,17 +317,24 @@ impl<'de> DeserializeSeed<'de> for EventsSeed {
 }
 
 impl<'de> Visitor<'de> for EventsSeed {
-    type Value = Vec<Obj<Event<'de>>>;
+    type Value = Vec<Event<'de>>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an array of events")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut events = Vec::with_capacity(self.capacity);
-        while let Some(event) = seq.next_element::<Obj<Event<'de>>>()? {
-            events.push(event);
+        let mut events: Vec<Event<'de>> = Vec::with_capacity(self.capacity);
+        loop {
+            events.push(Event::default());
+            let slot = events.last_mut().expect("pushed");
+            match seq.next_element_seed(Into(EventSink(slot)))? {
+                Some(fields) => slot.is_object = fields.is_some(),
+                None => {
+                    events.pop();
+                    return Ok(events);
+                }
+            }
         }
-        Ok(events)
     }
 }
 

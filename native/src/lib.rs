@@ -111,9 +111,13 @@ fn session_id(visitor: &str, start: i64, first_message_id: &str) -> String {
 /// UTM parameters of an event's context (JSON) as [(key, value)].
 #[pyfunction]
 fn utm_of(context: &[u8]) -> PyResult<Vec<(String, String)>> {
-    let context: event::Obj<event::Context> = serde_json::from_slice(context)
+    use serde::de::DeserializeSeed;
+    let mut event = event::Event::default();
+    let mut de = sonic_rs::Deserializer::from_slice(context);
+    let fields = event::Into(event::ContextSink(&mut event)).deserialize(&mut de)
         .map_err(|e| PyValueError::new_err(format!("context: {e}")))?;
-    Ok(context.value.as_ref().map(session::utm_of).unwrap_or_default())
+    event.context_len = fields.unwrap_or(0);
+    Ok(session::utm_of(&event))
 }
 
 /// Kafka's default partitioner hash of a key: partition = (murmur2(key) & 0x7fffffff) % n.

@@ -2,12 +2,15 @@
 //! partition's event-time watermark, dedupe and expiry. The rules are those
 //! documented in streams/sessions.py, which wraps this for Python.
 
-use crate::event::{murmur2, parse_envelope, Event, Obj};
+use crate::event::{murmur2, parse_envelope, Event, Scalar};
 use crate::session::{Names, OpenSession};
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::{FxBuildHasher, FxHashSet};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
+
+type Visitors = hashbrown::HashMap<String, VisitorState, FxBuildHasher>;
 
 pub const NOT_AN_OBJECT: &str = "event is not a JSON object";
 pub const INCOMPLETE: &str =
@@ -28,6 +31,9 @@ pub struct VisitorState {
     pub open: Vec<OpenSession>,
     pub closed_count: i64,
     pub last_session_id: Option<String>,
+    /// Changed since the last `take_dirty` (then listed in `Partition::dirty`).
+    #[serde(skip)]
+    pub dirty: bool,
 }
 
 /// What folding one record in produced; events are named by their index in the record.
@@ -43,22 +49,22 @@ pub struct Outputs {
 pub struct Partition {
     pub config: Config,
     pub names: Names,
-    pub visitors: FxHashMap<String, VisitorState>,
+    pub visitors: Visitors,
     pub watermark: i64,
     pub next_offset: i64,
     /// (expiry, visitor): at least one entry per visitor with open sessions, at or
     /// before the expiry of its first one; stale entries are skipped when popped.
     expiry: BinaryHeap<Reverse<(i64, String)>>,
     /// Message ids of every open session of the partition.
-    seen: FxHashSet<String>,
+    seen: FxHashSet<Arc<str>>,
     /// Visitors whose state changed since the last `take_dirty`.
-    dirty: FxHashSet<String>,
+    dirty: Vec<String>,
 }
 
 impl Partition {
     pub fn new(config: Config, names: Names, watermark: i64, next_offset: i64) -> Self {
-        Partition { config, names, visitors: FxHashMap::default(), watermark, next_offset,
-                    expiry: BinaryHeap::new(), seen: FxHashSet::default(), dirty: FxHashSet::default() }
+        Partition { config, names, visitors: Visitors::default(), watermark, next_offset,
+                    expiry: BinaryHeap::new(), seen: FxHashSet::default(), dirty: Vec::new() }
     }
 
     fn slack(&self) -> i64 {
@@ -90,71 +96,69 @@ impl Partition {
         Ok(out)
     }
 
-    fn step(&mut self, event: &Obj<Event>, index: usize, out: &mut Outputs) {
-        let Some(ev) = event.value.as_ref() else {
+    fn step(&mut self, ev: &Event, index: usize, out: &mut Outputs) {
+        if !ev.is_object {
             out.bad.push((index, NOT_AN_OBJECT));
             return;
-        };
+        }
         let visitor = if ev.user_id.truthy() { ev.user_id.as_str() } else { ev.anonymous_id.as_str() };
         let (ts, mid, visitor, kind) = match (&ev.timestamp, ev.message_id.nonempty(), visitor, ev.kind.as_str()) {
-            (crate::event::Scalar::Int(ts), Some(mid), Some(visitor), Some(kind)) => (*ts, mid, visitor, kind),
+            (Scalar::Int(ts), Some(mid), Some(visitor), Some(kind)) => (*ts, mid, visitor, kind),
             _ => {
                 out.bad.push((index, INCOMPLETE));
                 return;
             }
         };
-        if self.seen.contains(mid) {
+        // Claim the id first (one hash, one allocation shared with the session);
+        // a late event gives it back.
+        let mid: Arc<str> = Arc::from(mid);
+        if !self.seen.insert(Arc::clone(&mid)) {
             out.duplicates += 1;
             return;
         }
         let Config { gap_ms: gap, grace_ms: grace, max_ms: max } = self.config;
-        if !self.visitors.contains_key(visitor) {
-            self.visitors.insert(visitor.to_owned(), VisitorState::default());
-        }
-        let state = self.visitors.get_mut(visitor).expect("inserted above");
+        let state = self.visitors.entry_ref(visitor).or_default();
         let sessions = &mut state.open;
-        if sessions.len() == 1 {
+        let fast = sessions.len() == 1 && {
             // the common case: the visitor's one open session takes the event
-            let s = &mut sessions[0];
-            if s.start - gap < ts && ts < s.end + gap && s.end.max(ts) - s.start.min(ts) < max {
-                s.add(ev, ts, mid, kind, &self.names);
-                self.accepted(mid, visitor, ts);
-                return;
-            }
-        }
-        let fits: Vec<usize> = (0..sessions.len())
-            .filter(|&i| sessions[i].start - gap < ts && ts < sessions[i].end + gap)
-            .collect();
-        match place(sessions, &fits, ts, max) {
-            None => {
-                if ts + gap + grace <= self.watermark {
-                    if sessions.is_empty() && state.closed_count == 0 {
-                        self.visitors.remove(visitor);
+            let s = &sessions[0];
+            s.start - gap < ts && ts < s.end + gap && s.end.max(ts) - s.start.min(ts) < max
+        };
+        if fast {
+            sessions[0].add(ev, ts, &mid, kind, &self.names);
+        } else {
+            let fits: Vec<usize> = (0..sessions.len())
+                .filter(|&i| sessions[i].start - gap < ts && ts < sessions[i].end + gap)
+                .collect();
+            match place(sessions, &fits, ts, max) {
+                None => {
+                    if ts + gap + grace <= self.watermark {
+                        let unknown = sessions.is_empty() && state.closed_count == 0;
+                        self.seen.remove(&*mid);
+                        if unknown {
+                            self.visitors.remove(visitor);
+                        }
+                        out.late.push((index, LATE));
+                        return;
                     }
-                    out.late.push((index, LATE));
-                    return;
-                }
-                let session = OpenSession::of(ev, ts, mid, kind, &self.names);
-                let expiry = session.end + gap + grace;
-                let at = sessions.partition_point(|s| s.start <= session.start);
-                sessions.insert(at, session);
-                self.expiry.push(Reverse((expiry, visitor.to_owned())));
-            }
-            Some((i, merged)) => {
-                sessions[i].add(ev, ts, mid, kind, &self.names);
-                if merged {
-                    let expiry = sessions[i].end + gap + grace;
+                    let session = OpenSession::of(ev, ts, &mid, kind, &self.names);
+                    let expiry = session.end + gap + grace;
+                    let at = sessions.partition_point(|s| s.start <= session.start);
+                    sessions.insert(at, session);
                     self.expiry.push(Reverse((expiry, visitor.to_owned())));
                 }
+                Some((i, merged)) => {
+                    sessions[i].add(ev, ts, &mid, kind, &self.names);
+                    if merged {
+                        let expiry = sessions[i].end + gap + grace;
+                        self.expiry.push(Reverse((expiry, visitor.to_owned())));
+                    }
+                }
             }
         }
-        self.accepted(mid, visitor, ts);
-    }
-
-    fn accepted(&mut self, mid: &str, visitor: &str, ts: i64) {
-        self.seen.insert(mid.to_owned());
-        if !self.dirty.contains(visitor) {
-            self.dirty.insert(visitor.to_owned());
+        if !state.dirty {
+            state.dirty = true;
+            self.dirty.push(visitor.to_owned());
         }
         if ts > self.watermark {
             self.watermark = ts;
@@ -170,23 +174,22 @@ impl Partition {
             }
             let Reverse((_, visitor)) = self.expiry.pop().expect("peeked");
             let Some(state) = self.visitors.get_mut(&visitor) else { continue };
-            let mut closed_any = false;
             while state.open.first().is_some_and(|s| s.end + slack <= watermark) {
                 let session = state.open.remove(0);
                 for mid in &session.message_ids {
-                    self.seen.remove(mid);
+                    self.seen.remove(&**mid);
                 }
                 state.closed_count += 1;
                 let (id, record) = session.summary(&visitor, state.closed_count, &state.last_session_id);
                 state.last_session_id = Some(id);
                 out.closed.push((visitor.clone(), record, murmur2(visitor.as_bytes())));
-                closed_any = true;
+                if !state.dirty {
+                    state.dirty = true;
+                    self.dirty.push(visitor.clone());
+                }
             }
             if let Some(first) = state.open.first() {
-                self.expiry.push(Reverse((first.end + slack, visitor.clone())));
-            }
-            if closed_any {
-                self.dirty.insert(visitor);
+                self.expiry.push(Reverse((first.end + slack, visitor)));
             }
         }
     }
@@ -194,6 +197,11 @@ impl Partition {
     /// The visitors changed since the last call, with their state (None: removed).
     pub fn take_dirty(&mut self) -> Vec<(String, Option<&VisitorState>)> {
         let dirty = std::mem::take(&mut self.dirty);
+        for visitor in &dirty {
+            if let Some(state) = self.visitors.get_mut(visitor) {
+                state.dirty = false;
+            }
+        }
         dirty.into_iter().map(|v| {
             let state = self.visitors.get(&v);
             (v, state)

@@ -2,7 +2,8 @@
 //! the rules that read an event's page, campaign and item (UTM parameters,
 //! landing and exit page, device).
 
-use crate::event::{Context, Event, Scalar};
+use crate::event::{Event, Scalar};
+use std::sync::Arc;
 use blake2::digest::{Update, VariableOutput};
 use blake2::Blake2bVar;
 use rustc_hash::FxHashSet;
@@ -38,8 +39,8 @@ pub struct OpenSession {
     /// item -> first time seen
     #[serde(with = "pairs")]
     pub items: Vec<(String, i64)>,
-    /// The session's message ids, for dedupe (looked up in the partition's set).
-    pub message_ids: Vec<String>,
+    /// The session's message ids, for dedupe (shared with the partition's set).
+    pub message_ids: Vec<Arc<str>>,
 }
 
 /// The closed-session record of `schemas/sessions.py`.
@@ -71,8 +72,8 @@ pub const SCHEMA_VERSION: i64 = 1;
 const UTM_KEYS: [&str; 5] = ["source", "medium", "campaign", "term", "content"];
 
 impl OpenSession {
-    pub fn of(event: &Event, ts: i64, mid: &str, kind: &str, names: &Names) -> Self {
-        let mut session = OpenSession { start: ts, end: ts, first_message_id: mid.to_owned(),
+    pub fn of(event: &Event, ts: i64, mid: &Arc<str>, kind: &str, names: &Names) -> Self {
+        let mut session = OpenSession { start: ts, end: ts, first_message_id: mid.to_string(),
                                         ..Default::default() };
         session.add(event, ts, mid, kind, names);
         session
@@ -80,13 +81,13 @@ impl OpenSession {
 
     /// Fold one event in, whatever order events arrive in: landing is the page of
     /// the earliest event, exit the page of the latest, device the earliest's.
-    pub fn add(&mut self, event: &Event, ts: i64, mid: &str, kind: &str, names: &Names) {
-        self.message_ids.push(mid.to_owned());
+    pub fn add(&mut self, event: &Event, ts: i64, mid: &Arc<str>, kind: &str, names: &Names) {
+        self.message_ids.push(Arc::clone(mid));
         if ts < self.start {
             self.start = ts;
-            self.first_message_id = mid.to_owned();
-        } else if ts == self.start && mid < self.first_message_id.as_str() {
-            self.first_message_id = mid.to_owned();
+            self.first_message_id = mid.to_string();
+        } else if ts == self.start && **mid < *self.first_message_id {
+            self.first_message_id = mid.to_string();
         }
         if ts > self.end {
             self.end = ts;
@@ -103,9 +104,8 @@ impl OpenSession {
             if names.search.contains(name) {
                 self.searches += 1;
             } else if names.item.contains(name) {
-                if let Some(item) = event.properties.value.as_ref().and_then(|p| {
-                    if p.item_id.truthy() { p.item_id.to_text() } else { p.product_id.to_text() }
-                }) {
+                let item = if event.item_id.truthy() { &event.item_id } else { &event.product_id };
+                if let Some(item) = item.to_text() {
                     match self.items.iter_mut().find(|(k, _)| *k == item) {
                         Some((_, seen)) => *seen = (*seen).min(ts),
                         None => self.items.push((item, ts)),
@@ -123,19 +123,23 @@ impl OpenSession {
             Some((_, n)) => *n += 1,
             None => self.counts.push((name.to_owned(), 1)),
         }
-        let Some(context) = event.context.nonempty() else { return };
-        if context.ua.nonempty().is_some() && (self.device.is_none() || ts < self.device_ts) {
-            self.device = context.ua.value.as_ref().and_then(|ua| ua.device.as_str()).map(str::to_owned);
+        if event.context_len == 0 {
+            return;
+        }
+        if event.ua_len > 0 && (self.device.is_none() || ts < self.device_ts) {
+            self.device = event.device.as_str().map(str::to_owned);
             self.device_ts = ts;
         }
-        let Some(page) = context.page.nonempty() else { return };
-        let Some(path) = page.path.nonempty().or_else(|| page.url.nonempty()) else { return };
+        if event.page_len == 0 {
+            return;
+        }
+        let Some(path) = event.path.nonempty().or_else(|| event.url.nonempty()) else { return };
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         if self.landing_page.is_none() || ts < self.landing_ts {
             self.landing_page = Some(path.to_owned());
             self.landing_ts = ts;
-            self.referrer = page.referrer.nonempty().map(str::to_owned);
-            self.utm = utm_of(context);
+            self.referrer = event.referrer.nonempty().map(str::to_owned);
+            self.utm = utm_of(event);
         }
         if self.exit_page.is_none() || ts >= self.exit_ts {
             self.exit_page = Some(path.to_owned());
@@ -234,8 +238,8 @@ pub fn session_id(visitor: &str, start: i64, first_message_id: &str) -> String {
 
 /// UTM parameters: Segment's `context.campaign` when it is a non-empty object,
 /// else the `utm_*` query parameters of the page (`search`, else the URL's query).
-pub fn utm_of(context: &Context) -> Vec<(String, String)> {
-    if let Some(c) = context.campaign.nonempty() {
+pub fn utm_of(c: &Event) -> Vec<(String, String)> {
+    if c.campaign_len > 0 {
         let name = if c.name.truthy() { &c.name } else { &c.campaign };
         let values: [&Scalar; 5] = [&c.source, &c.medium, name, &c.term, &c.content];
         return UTM_KEYS.iter().zip(values)
@@ -243,11 +247,10 @@ pub fn utm_of(context: &Context) -> Vec<(String, String)> {
             .filter_map(|(k, v)| v.to_text().map(|t| (k.to_string(), t)))
             .collect();
     }
-    let Some(page) = context.page.value.as_ref() else { return vec![] };
-    let query = match page.search.nonempty() {
+    let query = match c.search.nonempty() {
         Some(search) => search,
         None => {
-            let url = page.url.nonempty().or_else(|| page.path.nonempty()).unwrap_or("");
+            let url = c.url.nonempty().or_else(|| c.path.nonempty()).unwrap_or("");
             let url = url.split_once('#').map_or(url, |(u, _)| u);
             url.split_once('?').map_or("", |(_, q)| q)
         }
