@@ -2,7 +2,7 @@
 
   clickloop up                      Kafka, Redis, every worker and both services, in the foreground
   clickloop demo [--events N]       post synthetic traffic to the collector
-  clickloop worker PROCESSOR        one stream processor (sessionize, features)
+  clickloop worker PROCESSOR        one stream processor (sessionize, features, archive)
   clickloop serve SERVICE           one HTTP service (collector, recommender)
   clickloop infra start|stop|status the local Kafka broker and Redis server
 """
@@ -78,6 +78,7 @@ def _up(settings: Settings) -> int:
         name: subprocess.Popen([*me, *cmd], env={**os.environ, **settings.as_env()})
         for name, cmd in [("sessionize", ["worker", "sessionize"]),
                           ("features", ["worker", "features"]),
+                          ("archive", ["worker", "archive"]),
                           ("collector", ["serve", "collector"]),
                           ("recommender", ["serve", "recommender"])]
     }
@@ -88,6 +89,7 @@ clickloop is up
   recommender  http://{settings.recommender_host}:{settings.recommender_port}/v1/recommendations?user_id=...&k=5
   kafka        {settings.kafka_bootstrap}
   redis        {settings.redis_url}
+  archive      {settings.archive_root} (Parquet, hive-partitioned)
 Send traffic with `.venv/bin/clickloop demo`; Ctrl-C stops everything.
 """, flush=True)
     stopping = False
