@@ -8,7 +8,6 @@ import os
 import time
 
 import orjson
-import pyarrow.parquet as pq
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -21,6 +20,7 @@ from streams import topics
 from streams.archive_layout import parse
 from streams.archive_store import ArchiveStore
 from tests.integration.helpers import eventually
+from tests.integration.test_archive import row_count
 from tests.integration.test_replay import replay
 
 pytestmark = pytest.mark.integration
@@ -96,9 +96,8 @@ async def test_archive_replays_exactly_by_offsets_and_by_time_and_dry_runs_chang
     await produce(settings, clicks, records)
     store = ArchiveStore(settings.archive_root)
     workers.start("archive")
-    await eventually(lambda: asyncio.to_thread(lambda: sum(
-        pq.read_metadata(p).num_rows for p in store.list_topic(clicks) if p.endswith(".parquet"))),
-        lambda n: n >= 6_000, timeout_s=60, what="every event archived")
+    await eventually(lambda: asyncio.to_thread(row_count, store, clicks),
+                     lambda n: n >= 6_000, timeout_s=60, what="every event archived")
     workers.stop()
     live = await read_records(settings.kafka_bootstrap, clicks, len(records))
     offsets = [o for p in (0, 1) for o in range(sum(r[0] == p for r in live))]   # of each record
