@@ -77,7 +77,7 @@ def sessionizer(settings, n: int, timeout_s: float, profile: str | None = None) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--per-record", type=int, default=100,
                         help="events per Kafka record (the collector's micro-batch envelope)")
     parser.add_argument("--profile", metavar="FILE",

@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import random
 import signal
+import time
 
 import orjson
 import pytest
@@ -47,8 +48,10 @@ async def test_sigkill_at_any_point_neither_loses_nor_duplicates_a_session(setti
             before = await count()
             proc = workers.start("sessionize")
             # Kill only once this run has committed something, shortly after.
+            deadline = time.monotonic() + 60
             while await count() == before:
                 assert proc.poll() is None, workers.logs()
+                assert time.monotonic() < deadline, "no progress in 60 s:\n" + workers.logs()
             await asyncio.sleep(rng.uniform(0, 0.2))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
