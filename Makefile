@@ -45,6 +45,7 @@ bench: setup
 	.venv/bin/clickloop infra start
 	$(PY) bench/stream_throughput.py
 	$(PY) bench/collector_throughput.py
+	$(PY) bench/replay_throughput.py
 
 infra-start: setup
 	.venv/bin/clickloop infra start
