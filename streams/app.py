@@ -17,7 +17,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.settings import Settings
 from streams.meter import Meter
-from streams.topics import ensure_topics
+from streams.topics import ensure_topics, group_id
 
 log = logging.getLogger("clickloop.streams")
 
@@ -43,7 +43,7 @@ def make_app(settings: Settings, processor: str) -> faust.App:
     datadir = settings.state_dir / "faust" / f"{settings.prefix}{processor}"
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        f"{settings.prefix}clickloop-{processor}",
+        group_id(settings, processor),
         broker=f"kafka://{settings.kafka_bootstrap.replace(',', ';kafka://')}",
         store="memory://",          # tables are rebuilt from their changelog topics
         topic_partitions=settings.partitions,

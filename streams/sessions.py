@@ -33,7 +33,7 @@ The rules run in a compiled core, `streams._native` (Rust, native/src/),
 that parses a `clicks` record and folds its events in one pass without
 building a Python object per event: that is what lets the sessionizer keep up
 with a raw Kafka consumer (README, "Performance"). This module is its Python
-face and the place its rules are specified and tested (tests/unit/test_native.py).
+face and the place its rules are specified and tested (tests/unit/test_sessions.py).
 Fields of an unexpected JSON type read as absent (a numeric `referrer` is
 ignored), except the ones an event cannot do without (`timestamp` an integer,
 `message_id`, `type`, and a visitor as strings): such an event is bad, with
@@ -150,10 +150,6 @@ class PartitionSessions:
     def take_dirty(self) -> list[tuple[bytes, bytes | None]]:
         """(visitor, state JSON or None) of every visitor changed since the last call."""
         return self._core.take_dirty()
-
-    def state_of(self, visitor: str) -> dict | None:
-        state = self._core.state_of(visitor)
-        return None if state is None else orjson.loads(state)
 
     @property
     def visitors(self) -> list[str]:

@@ -26,6 +26,11 @@ ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE
 COMPACTED = frozenset({SESSIONIZE_STATE})
 
 
+def group_id(settings: Settings, processor: str) -> str:
+    """The consumer group (and Faust app id) of a processor."""
+    return f"{settings.prefix}clickloop-{processor}"
+
+
 async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> None:
     """Create the missing topics of `names` (prefixed), with `settings.partitions` each."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,

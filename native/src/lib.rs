@@ -92,12 +92,6 @@ impl Partition {
         Ok(out)
     }
 
-    /// One visitor's state as JSON, or None.
-    fn state_of<'py>(&self, py: Python<'py>, visitor: &str) -> Option<Bound<'py, PyBytes>> {
-        self.core.visitors.get(visitor)
-            .map(|s| PyBytes::new_bound(py, &serde_json::to_vec(s).expect("state serializes")))
-    }
-
     fn visitors(&self) -> Vec<String> {
         self.core.visitors.keys().cloned().collect()
     }

@@ -73,10 +73,6 @@ def downstream(processor: str) -> list[str]:
 ARCHIVER = "archive"     # the archive worker (streams/archive.py): its group commits archived offsets
 
 
-def group_of(settings: Settings, processor: str) -> str:
-    return f"{settings.prefix}clickloop-{processor}"
-
-
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     """The topic's partitions, fetching metadata when the consumer has none for it yet."""
     parts = consumer.partitions_for_topic(topic)
@@ -160,8 +156,8 @@ async def plan(settings: Settings, args) -> Plan:
     await admin.start()
     try:
         for proc in downstream(name):
-            refuse_if_active(group_of(settings, proc),
-                             await _active_members(admin, group_of(settings, proc)), proc)
+            refuse_if_active(topics.group_id(settings, proc),
+                             await _active_members(admin, topics.group_id(settings, proc)), proc)
     finally:
         await admin.close()
     truncated = {t for proc in downstream(name) for t in PROCESSORS[proc].outputs}
@@ -177,7 +173,7 @@ async def plan(settings: Settings, args) -> Plan:
             elif rule == AT_TIME:
                 at = await _offsets(settings, settings.topic(t), args.from_time, None, None, None, None)
                 offsets = tuple((r.partition, r.start) for r in at)
-            starts.append(GroupStart(proc, group_of(settings, proc), settings.topic(t), rule, offsets))
+            starts.append(GroupStart(proc, topics.group_id(settings, proc), settings.topic(t), rule, offsets))
         resets += [f"state changelog {settings.topic(t)}: recreated empty" for t in owned.state]
         resets += [f"output topic {settings.topic(t)}: truncated" for t in owned.outputs]
         resets += [f"Redis keys {settings.redis_key(k)}: deleted" for k in owned.redis]
@@ -212,7 +208,7 @@ async def _reset_processor(settings: Settings, proc: str, starts: list[GroupStar
         await admin.close()
     # Move the group to where each input starts (the group is empty: checked).
     group = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                             group_id=group_of(settings, proc), enable_auto_commit=False)
+                             group_id=topics.group_id(settings, proc), enable_auto_commit=False)
     await group.start()
     try:
         positions: dict[TopicPartition, int] = {}
@@ -285,7 +281,7 @@ async def run(settings: Settings, args) -> int:
     if args.source == "archive":
         if kind == "processor":
             refuse_archive_processor(args.topic, name, _range_args(args), settings.prefix)
-        committed = await _committed(settings, group_of(settings, ARCHIVER), settings.topic(args.topic))
+        committed = await _committed(settings, topics.group_id(settings, ARCHIVER), settings.topic(args.topic))
         source = await ArchiveSource.open(settings, args, partitions_of(args), committed)
         plan_ = await source.plan(args.target)
     else:
