@@ -53,7 +53,8 @@ async def raw_loop(bootstrap: str, topic: str, n: int) -> float:
         await consumer.stop()
 
 
-def sessionizer(settings, n: int, timeout_s: float, profile: str | None = None) -> float:
+def sessionizer(settings, n: int, timeout_s: float, profile: str | None = None,
+                timeline: bool = False) -> float:
     env = {**os.environ, **settings.as_env()}
     spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250", "--format", "speedscope",
            "-o", profile, "--"] if profile else []
@@ -65,6 +66,8 @@ def sessionizer(settings, n: int, timeout_s: float, profile: str | None = None) 
         for line in proc.stdout:  # type: ignore[union-attr]
             tail = (tail + [line])[-20:]
             match = PROGRESS.search(line)
+            if timeline and match:
+                print("  " + line.strip(), flush=True)
             if match and int(match.group(1)) >= n:
                 return int(match.group(1)) / float(match.group(2))
             if time.monotonic() > deadline:
@@ -82,6 +85,8 @@ def main() -> None:
                         help="events per Kafka record (the collector's micro-batch envelope)")
     parser.add_argument("--profile", metavar="FILE",
                         help="record the worker with py-spy into FILE (speedscope JSON)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print the worker's per-second progress lines")
     args = parser.parse_args()
     settings = bench_settings()
     topic = settings.topic(topics.CLICKS)
@@ -92,7 +97,8 @@ def main() -> None:
           f"({settings.partitions} partitions) in {produce_s:.1f} s", flush=True)
     raw = asyncio.run(raw_loop(settings.kafka_bootstrap, topic, args.events))
     print(f"raw aiokafka consume+decode: {raw:,.0f} events/s", flush=True)
-    sess = sessionizer(settings, args.events, timeout_s=60 + args.events / 500, profile=args.profile)
+    sess = sessionizer(settings, args.events, timeout_s=60 + args.events / 500, profile=args.profile,
+                      timeline=args.timeline)
     print(f"sessionizer worker: {sess:,.0f} events/s", flush=True)
     print(f"events={args.events} sessionizer_eps={sess:.0f} raw_eps={raw:.0f} ratio={sess / raw:.3f}")
 

@@ -21,6 +21,8 @@ from streams.topics import ensure_topics, group_id
 
 log = logging.getLogger("clickloop.streams")
 
+FETCH_MAX_WAIT_MS = 20  # an idle worker sends ~50 empty fetches a second: negligible
+
 Builder = Callable[[faust.App, Settings, Meter], None]
 
 
@@ -31,6 +33,14 @@ class _ReadCommittedThread(faust_aiokafka.AIOKafkaConsumerThread):
         # processors write their outputs in transactions (streams/txstate.py), so
         # every reader must skip aborted ones. aiokafka reads this in start().
         consumer._isolation_level = "read_committed"
+        # Faust asks the broker to hold a fetch up to 1.5 s when it has no data
+        # for any partition in the request. aiokafka keeps one fetch in flight
+        # per broker and leaves out partitions whose records are still
+        # buffered, so once every input partition is buffered the next fetch
+        # names only empty ones (Faust's leader topic, drained partitions) and
+        # the broker parks it for the full 1.5 s while the buffers run dry:
+        # the worker stalled ~1.5 s every few hundred thousand events.
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
         return consumer
 
 
@@ -81,8 +91,9 @@ def run_worker(processor: str, settings: Settings) -> None:
     # Two threads share the GIL: Faust's consumer thread (fetching, parsing
     # records) and the event loop (processing). With CPython's default 5 ms
     # switch interval each hand-off between them can stall the other for up to
-    # 5 ms. Measured on bench/stream_throughput.py (1M events, 3 runs each):
-    # 5 ms 128-168k events/s, 1 ms 182-196k, 0.25 ms 204-206k, 0.1 ms 201-213k.
+    # 5 ms. Measured on bench/stream_throughput.py (1M events, 3 runs each,
+    # before the core released the GIL): 5 ms 128-168k events/s, 1 ms
+    # 182-196k, 0.25 ms 204-206k, 0.1 ms 201-213k.
     sys.setswitchinterval(0.00025)
     builders = processors()
     if processor not in builders:

@@ -59,6 +59,10 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
         async with state.lock:
             await state.release(tp.partition for tp in revoked if tp.topic == clicks.get_topic_name())
 
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
+        state.assigned |= {tp.partition for tp in assigned if tp.topic == clicks.get_topic_name()}
+
     @app.timer(settings.checkpoint_ms / 1000)
     async def checkpoint() -> None:
         async with state.lock:

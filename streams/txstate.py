@@ -124,24 +124,37 @@ class TransactionalState:
         self._restore, self._dump = restore, dump
         self.interval_s, self.max_pending = interval_s, max_pending
         self.partitions: dict[int, PartitionTxn] = {}
+        self.assigned: set[int] = set()  # input partitions this worker owns (set by the agent)
         self.lock = asyncio.Lock()      # the agent's step and cutting a unit exclude each other
         self.pending_events = 0
         self._last = 0.0
         self._committing: asyncio.Task | None = None
 
     async def partition(self, partition: int) -> PartitionTxn:
-        """The partition's transaction, fencing any previous owner and restoring state."""
+        """The partition's transaction, fencing any previous owner and restoring state.
+
+        The first record of a partition opens all assigned partitions not yet
+        open at once (each open is a few round trips: InitProducerId, the
+        changelog read), rather than one stall per partition as each first
+        record arrives.
+        """
         txn = self.partitions.get(partition)
         if txn is None:
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, transactional_id=f"{self.group}-{partition}",
-                acks="all", enable_idempotence=True, linger_ms=5, max_batch_size=512 * 1024,
-                max_request_size=8 * 1024 * 1024)
-            await producer.start()      # InitProducerId: fences zombies, aborts their txn
-            state = self._restore(await self._read_changelog(partition))
-            await producer.begin_transaction()
-            txn = self.partitions[partition] = PartitionTxn(partition, producer, state, self.changelog)
+            wanted = sorted({partition} | (self.assigned - self.partitions.keys()))
+            opened = await asyncio.gather(*(self._open(p) for p in wanted))
+            self.partitions.update(zip(wanted, opened))
+            txn = self.partitions[partition]
         return txn
+
+    async def _open(self, partition: int) -> PartitionTxn:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, transactional_id=f"{self.group}-{partition}",
+            acks="all", enable_idempotence=True, linger_ms=5, max_batch_size=512 * 1024,
+            max_request_size=8 * 1024 * 1024)
+        await producer.start()      # InitProducerId: fences zombies, aborts their txn
+        state = self._restore(await self._read_changelog(partition))
+        await producer.begin_transaction()
+        return PartitionTxn(partition, producer, state, self.changelog)
 
     async def _read_changelog(self, partition: int) -> dict[bytes, bytes]:
         tp = TopicPartition(self.changelog, partition)
@@ -202,6 +215,7 @@ class TransactionalState:
         """Commit everything, then close the given partitions (rebalance, shutdown)."""
         await self.drain()
         for partition in list(partitions):
+            self.assigned.discard(partition)
             txn = self.partitions.pop(partition, None)
             if txn is not None:
                 await txn.producer.stop()

