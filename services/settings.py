@@ -83,6 +83,34 @@ class Settings:
     # Hour partition by `event` time (clicks: timestamp, sessions: start) or Kafka
     # `record` time; per topic with `<topic>=event|record|<field>`, comma-separated.
     archive_time: str = _env("CLICKLOOP_ARCHIVE_TIME", default="event")
+    # Features (streams/features.py): changed entities are written to Redis at
+    # most this many ms after their event was read (state commits follow
+    # checkpoint_ms); the popularity list keeps this many items per partition.
+    features_flush_ms: int = _env("CLICKLOOP_FEATURES_FLUSH_MS", 1, default=100)
+    popular_items: int = _env("CLICKLOOP_POPULAR_ITEMS", 10, default=1000)
+    # Recommender (services/recommender): total latency budget and the Redis
+    # call's share of it; past either, the answer is popular items.
+    budget_ms: int = _env("CLICKLOOP_BUDGET_MS", 1, default=50)
+    redis_budget_ms: int = _env("CLICKLOOP_REDIS_BUDGET_MS", 1, default=10)
+    redis_pool: int = _env("CLICKLOOP_REDIS_POOL", 1, default=32)
+    # In-process cache of hot feature hashes (0 disables it) and its size.
+    feature_cache_ms: int = _env("CLICKLOOP_FEATURE_CACHE_MS", 0, default=1000)
+    feature_cache_size: int = _env("CLICKLOOP_FEATURE_CACHE_SIZE", 0, default=10_000)
+    # The in-memory popular list behind the fallback is refreshed this often.
+    popular_refresh_ms: int = _env("CLICKLOOP_POPULAR_REFRESH_MS", 100, default=2000)
+    # Circuit breaker per dependency (Hystrix defaults).
+    breaker_window_ms: int = _env("CLICKLOOP_BREAKER_WINDOW_MS", 100, default=10_000)
+    breaker_min_requests: int = _env("CLICKLOOP_BREAKER_MIN_REQUESTS", 1, default=20)
+    breaker_error_pct: int = _env("CLICKLOOP_BREAKER_ERROR_PCT", 1, default=50)
+    breaker_sleep_ms: int = _env("CLICKLOOP_BREAKER_SLEEP_MS", 10, default=5000)
+    # Models: the name served (its newest announcement on `models` wins), an
+    # optional shadow model scored on a fraction of requests, artifact root
+    # (empty: <state_dir>/models) and the TTL of precomputed top-k lists.
+    model_name: str = _env("CLICKLOOP_MODEL_NAME", default="als")
+    shadow_model: str = _env("CLICKLOOP_SHADOW_MODEL", default="")
+    shadow_fraction: float = _env("CLICKLOOP_SHADOW_FRACTION", 0, default=0.0)
+    model_dir: str = _env("CLICKLOOP_MODEL_DIR", default="")
+    topk_ttl_s: int = _env("CLICKLOOP_TOPK_TTL_S", 60, default=24 * 3600)
 
     @property
     def session_gap_ms(self) -> int:
@@ -123,11 +151,26 @@ class Settings:
         if self.record_max_bytes > MAX_RECORD_BYTES:
             raise SettingsError(f"CLICKLOOP_RECORD_MAX_BYTES={self.record_max_bytes} must be at most "
                                 f"{MAX_RECORD_BYTES} (below Kafka's default message.max.bytes)")
+        if not 0.0 <= self.shadow_fraction <= 1.0:
+            raise SettingsError(f"CLICKLOOP_SHADOW_FRACTION={self.shadow_fraction} must be between 0 and 1")
+        if self.shadow_fraction > 0 and not self.shadow_model:
+            raise SettingsError("CLICKLOOP_SHADOW_FRACTION > 0 needs CLICKLOOP_SHADOW_MODEL, the model "
+                                "to score in the shadow")
+        if self.redis_budget_ms > self.budget_ms:
+            raise SettingsError(f"CLICKLOOP_REDIS_BUDGET_MS={self.redis_budget_ms} must be at most "
+                                f"CLICKLOOP_BUDGET_MS={self.budget_ms}")
+        if self.breaker_error_pct > 100:
+            raise SettingsError(f"CLICKLOOP_BREAKER_ERROR_PCT={self.breaker_error_pct} must be at most 100")
 
     @property
     def archive_root(self) -> str:
         """Where the archive lives: CLICKLOOP_ARCHIVE_URI, else <state_dir>/archive."""
         return self.archive_uri or str(self.state_dir / "archive")
+
+    @property
+    def model_root(self) -> Path:
+        """Where model artifacts live: CLICKLOOP_MODEL_DIR, else <state_dir>/models."""
+        return Path(self.model_dir) if self.model_dir else self.state_dir / "models"
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}{name}"
@@ -155,6 +198,16 @@ def _parse(f, raw: str):
             value = int(raw)
         except ValueError:
             raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+        if f.metadata["minimum"] is not None and value < f.metadata["minimum"]:
+            raise SettingsError(f"{name}={value} must be at least {f.metadata['minimum']}")
+        return value
+    if kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SettingsError(f"{name}={raw!r} is not a finite number")
         if f.metadata["minimum"] is not None and value < f.metadata["minimum"]:
             raise SettingsError(f"{name}={value} must be at least {f.metadata['minimum']}")
         return value

@@ -22,8 +22,18 @@ SESSIONS_DLQ = "sessions.dlq"
 # Changelog of the sessionizer's state (compacted; see streams/txstate.py).
 SESSIONIZE_STATE = "clickloop-sessionize-state"
 
-ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE)
-COMPACTED = frozenset({SESSIONIZE_STATE})
+# Features worker: item deltas repartitioned by item id, and its state's changelog.
+FEATURES_ITEMS = "clickloop-features-items"
+FEATURES_STATE = "clickloop-features-state"
+# Models announced by `clickloop train` (compacted, keyed by model name).
+MODELS = "models"
+# What the recommender served (one record per response), and shadow rankings.
+EXPOSURES = "exposures"
+SHADOW = "shadow"
+
+ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE,
+       FEATURES_ITEMS, FEATURES_STATE, MODELS, EXPOSURES, SHADOW)
+COMPACTED = frozenset({SESSIONIZE_STATE, FEATURES_STATE, MODELS})
 
 
 def group_id(settings: Settings, processor: str) -> str:
