@@ -1,75 +1,204 @@
-"""Faust agents `features`: `clicks` and `sessions` → Redis (the only writer of these keys).
+"""Faust agents of the `features` worker: `clicks` + `sessions` → online features in Redis
+(the only writer of the `user:`, `item:` and `popular:` hashes; layout in
+streams/feature_store.py, README "Redis layout").
 
-Redis layout (prefix from CLICKLOOP_PREFIX):
-  user:<visitor>   hash: events, sessions, last_seen (epoch ms)
-  items:popular    sorted set: item id → views
-Each Kafka record becomes one pipeline (MULTI/EXEC) of increments.
+Two agents, each a thin loop over a pure partition state (streams/features_state.py)
+made exactly-once by streams/txstate.py:
+
+- `features-users` reads `clicks` and `sessions` (co-partitioned by visitor, so
+  partition p of both feeds one `UserPartition`): user windows, the
+  partition's popularity (`popular:<p>`), and the item deltas, which it sends
+  on to FEATURES_ITEMS, grouped by the item's partition, with its watermark;
+- `features-items` reads FEATURES_ITEMS: each item is counted by the one
+  partition that owns it (`ItemPartition`), whatever visitor partitions its
+  events came from.
+
+Every `features_flush_ms` the pending deltas are applied to the state at the
+partition's watermark and the changed entities (touched, or whose windows
+dropped a bucket) are queued for Redis (streams/features_writer.py): Redis sees
+an event within about that long after it was read, without waiting for the
+Kafka commit. Every `checkpoint_ms` the state's changed entries, the next input
+offsets and the item-delta records are committed in one Kafka transaction per
+input partition; only then are the inputs acked. After a crash the state is
+restored from its changelog and the records after the committed offsets are
+applied again: Redis gets the same values again (a group is written whole,
+with its event-time timestamp; an equal timestamp overwrites, an older one
+never does), so nothing is counted twice.
+
+Bad records go to `clicks.dlq` / `sessions.dlq` with the reason and
+`topic[partition]@offset`; bad events inside a good `clicks` record are
+skipped here (the sessionizer dead-letters them, once).
 """
 from __future__ import annotations
 
-import redis.asyncio as aioredis
+import logging
 
 import faust
 
 from services.settings import Settings
 from streams import topics
-from streams.aggregates import FeatureDelta
 from streams.app import now
 from streams.codec import BadRecord, decode_clicks, decode_session
-from streams.dlq import dlq_record
+from streams.dlq import dlq_record, position
+from streams.features_state import (ItemPartition, UserPartition, encode_item_deltas,
+                                    group_item_deltas, session_problem)
+from streams.features_writer import RedisWriter
 from streams.meter import Meter
+from streams.txstate import TransactionalState
 
-
-def keys(settings: Settings):
-    return (lambda visitor: settings.redis_key("user", visitor)), settings.redis_key("items", "popular")
-
-
-async def apply(redis: aioredis.Redis, settings: Settings, delta: FeatureDelta) -> None:
-    user_key, popular = keys(settings)
-    pipe = redis.pipeline(transaction=True)
-    for visitor, n in delta.user_events.items():
-        pipe.hincrby(user_key(visitor), "events", n)
-    for visitor, ts in delta.user_last_seen.items():
-        # last_seen only moves forward, whatever order records arrive in.
-        pipe.eval("local c = tonumber(redis.call('HGET', KEYS[1], 'last_seen') or '-1') "
-                  "if tonumber(ARGV[1]) > c then redis.call('HSET', KEYS[1], 'last_seen', ARGV[1]) end",
-                  1, user_key(visitor), ts)
-    for visitor, n in delta.user_sessions.items():
-        pipe.hincrby(user_key(visitor), "sessions", n)
-    for item, n in delta.item_views.items():
-        pipe.zincrby(popular, n, item)
-    await pipe.execute()
+log = logging.getLogger("clickloop.features")
+PROCESSOR = "features"
 
 
 def build(app: faust.App, settings: Settings, meter: Meter) -> None:
-    clicks = app.topic(settings.topic(topics.CLICKS), key_serializer="raw", value_serializer="raw")
-    sessions = app.topic(settings.topic(topics.SESSIONS), key_serializer="raw", value_serializer="raw")
-    dlqs = {settings.topic(topics.CLICKS): app.topic(settings.topic(topics.CLICKS_DLQ), value_serializer="raw"),
-            settings.topic(topics.SESSIONS): app.topic(settings.topic(topics.SESSIONS_DLQ), value_serializer="raw")}
-    redis = aioredis.Redis.from_url(settings.redis_url, max_connections=16)
+    clicks_name = settings.topic(topics.CLICKS)
+    sessions_name = settings.topic(topics.SESSIONS)
+    items_name = settings.topic(topics.FEATURES_ITEMS)
+    dlqs = {clicks_name: settings.topic(topics.CLICKS_DLQ),
+            sessions_name: settings.topic(topics.SESSIONS_DLQ)}
+    inputs = app.topic(clicks_name, sessions_name, key_serializer="raw", value_serializer="raw")
+    item_input = app.topic(items_name, key_serializer="raw", value_serializer="raw")
+    changelog = settings.topic(topics.FEATURES_STATE)
+    interval_s = settings.checkpoint_ms / 1000
+    flush_s = settings.features_flush_ms / 1000
+    writer = RedisWriter(settings)
+    users = TransactionalState(
+        settings.kafka_bootstrap, group=app.conf.id, changelog=changelog,
+        restore=lambda entries: UserPartition.restore(entries, settings.popular_items),
+        dump=lambda part: part.take_dirty(), interval_s=interval_s)
+    # Its own transactional ids (the group is part of them) and changelog keys (i:, see
+    # features_state): both states share the FEATURES_STATE partitions without colliding.
+    items = TransactionalState(
+        settings.kafka_bootstrap, group=f"{app.conf.id}-items", changelog=changelog,
+        restore=ItemPartition.restore, dump=lambda part: part.take_dirty(), interval_s=interval_s)
+    last_flush = {"users": 0.0, "items": 0.0}
 
-    async def dead_letter(record, exc: Exception) -> None:
+    async def flush_users(t: float, force: bool = False) -> None:
+        """Apply pending deltas, queue Redis writes, send item deltas; then checkpoint.
+        Always in this order: a cut must never see records that are still pending."""
+        last_flush["users"] = t
+        for p, txn in users.partitions.items():
+            part: UserPartition = txn.state
+            if not part.has_work:
+                continue
+            before = part.watermark
+            out = part.flush()
+            for write in out.writes:
+                writer.put(write, part.refused)
+            popular = part.popular(p)
+            if popular is not None:
+                writer.put(popular)
+            if out.item_deltas or out.watermark > before:
+                count = await txn.partition_count(items_name)
+                grouped = group_item_deltas(out.item_deltas, count)
+                # Every item partition hears the watermark, so its windows move on.
+                for q in range(count) if out.watermark > before else grouped:
+                    deltas = grouped.get(q, {})
+                    key = next(iter(deltas)).encode() if len(deltas) == 1 else None
+                    txn.append(items_name, q, key, encode_item_deltas(out.watermark, deltas))
+        writer.kick()
+        users.maybe_checkpoint(t, force=force)
+
+    async def flush_items(t: float, force: bool = False) -> None:
+        last_flush["items"] = t
+        for txn in items.partitions.values():
+            part: ItemPartition = txn.state
+            if part.has_work:
+                for write in part.flush().writes:
+                    writer.put(write, part.refused)
+        writer.kick()
+        items.maybe_checkpoint(t, force=force)
+
+    async def dead_letter(txn, record, reason: str) -> None:
         msg = record.message
-        await dlqs[msg.topic].send(value=dlq_record(msg.topic, msg.partition, msg.offset, str(exc),
-                                                    record.key, record.value, "features"))
+        await txn.send(dlqs[msg.topic], key=record.key, value=dlq_record(
+            msg.topic, msg.partition, msg.offset, reason, record.key, record.value, PROCESSOR))
 
-    @app.agent(clicks, name="features-clicks")
-    async def from_clicks(stream):
-        async for record in stream.events():
-            try:
-                events = decode_clicks(record.value)
-            except BadRecord as exc:
-                await dead_letter(record, exc)
-                continue
-            await apply(redis, settings, FeatureDelta().add_clicks(events))
-            meter.update(len(events), now())
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
+        async with users.lock:
+            await flush_users(now())
+            await users.release(tp.partition for tp in revoked if tp.topic == clicks_name)
+        async with items.lock:
+            await flush_items(now())
+            await items.release(tp.partition for tp in revoked if tp.topic == items_name)
 
-    @app.agent(sessions, name="features-sessions")
-    async def from_sessions(stream):
-        async for record in stream.events():
-            try:
-                session = decode_session(record.value)
-            except BadRecord as exc:
-                await dead_letter(record, exc)
-                continue
-            await apply(redis, settings, FeatureDelta().add_session(session))
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
+        users.assigned |= {tp.partition for tp in assigned if tp.topic == clicks_name}
+        items.assigned |= {tp.partition for tp in assigned if tp.topic == items_name}
+
+    @app.timer(max(flush_s / 2, 0.005))
+    async def tick() -> None:
+        t = now()
+        if t - last_flush["users"] >= flush_s:
+            async with users.lock:
+                await flush_users(t)
+        if t - last_flush["items"] >= flush_s:
+            async with items.lock:
+                await flush_items(t)
+
+    @app.agent(inputs, name="features-users")
+    async def from_inputs(stream):
+        async for record in stream.noack().events():
+            msg = record.message
+            async with users.lock:
+                txn = await users.partition(msg.partition)
+                part: UserPartition = txn.state
+                txn.pending_acks.append(record)
+                if msg.offset < part.next_offset(msg.topic):
+                    continue  # applied before a crash: its effects are in the restored state
+                try:
+                    if msg.topic == clicks_name:
+                        events = decode_clicks(record.value)
+                        part.add_clicks(events, msg.topic, msg.offset + 1)
+                        n = len(events)
+                    else:
+                        session = decode_session(record.value)
+                        problem = session_problem(session)
+                        if problem is not None:
+                            raise BadRecord(problem)
+                        part.add_session(session, msg.topic, msg.offset + 1)
+                        n = 1
+                except BadRecord as exc:
+                    part.skip(msg.topic, msg.offset + 1)
+                    await dead_letter(txn, record, str(exc))
+                    continue
+                users.pending_events += n
+                t = now()
+                meter.update(n, t)
+                if t - last_flush["users"] >= flush_s:
+                    await flush_users(t)
+
+    @app.agent(item_input, name="features-items")
+    async def from_items(stream):
+        async for record in stream.noack().events():
+            msg = record.message
+            async with items.lock:
+                txn = await items.partition(msg.partition)
+                part: ItemPartition = txn.state
+                txn.pending_acks.append(record)
+                if msg.offset < part.next_offset(msg.topic):
+                    continue
+                try:
+                    items.pending_events += max(1, part.add_record(record.value, msg.topic,
+                                                                   msg.offset + 1))
+                except BadRecord as exc:   # written by this worker: should never happen
+                    part.skip(msg.topic, msg.offset + 1)
+                    log.error("features: skipped %s: %s",
+                              position(msg.topic, msg.partition, msg.offset), exc)
+                    continue
+                t = now()
+                if t - last_flush["items"] >= flush_s:
+                    await flush_items(t)
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(app, **kwargs) -> None:  # noqa: ARG001
+        async with users.lock:
+            await flush_users(now())
+            await users.release(list(users.partitions))
+        async with items.lock:
+            await flush_items(now())
+            await items.release(list(items.partitions))
+        await writer.drain()
+        await writer.close()

@@ -52,8 +52,11 @@ class Owned:
 PROCESSORS = {
     "sessionize": Owned(inputs=(topics.CLICKS,), state=(topics.SESSIONIZE_STATE,),
                         outputs=(topics.SESSIONS, topics.CLICKS_LATE)),
-    "features": Owned(inputs=(topics.CLICKS, topics.SESSIONS),
-                      redis=("user:*", "items:popular")),
+    # features: FEATURES_ITEMS is its own repartition topic (written by the users
+    # agent, read by the items agent): truncated like an output, its state recreated.
+    "features": Owned(inputs=(topics.CLICKS, topics.SESSIONS), state=(topics.FEATURES_STATE,),
+                      outputs=(topics.FEATURES_ITEMS,),
+                      redis=("user:*", "item:*", "popular:*")),
 }
 
 
