@@ -5,6 +5,7 @@
   clickloop worker PROCESSOR        one stream processor (sessionize, features, archive)
   clickloop serve SERVICE           one HTTP service (collector, recommender)
   clickloop infra start|stop|status the local Kafka broker and Redis server
+  clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
 """
 from __future__ import annotations
 
@@ -192,6 +193,30 @@ def main(argv: list[str] | None = None) -> int:
                      help="topic:<backfill topic> or processor:<sessionize|features>")
     rep.add_argument("--rate", type=float, help="at most this many records/s")
     rep.add_argument("--execute", action="store_true", help="do it (default: print the plan only)")
+    tr = sub.add_parser("train", help="train the recommender's model from the Parquet archive, "
+                                      "evaluate it, write the artifact and announce it on `models`")
+    tr.add_argument("--name", help="model name (default CLICKLOOP_MODEL_NAME, als)")
+    tr.add_argument("--since", help="first event time to train on: ISO-8601 or epoch ms (default: all)")
+    tr.add_argument("--until", help="train on events before this time: ISO-8601 or epoch ms")
+    tr.add_argument("--test-fraction", type=float, default=0.2,
+                    help="share of the latest interactions held out for evaluation (default 0.2)")
+    tr.add_argument("--factors", type=int, default=32, help="ALS latent factors (default 32)")
+    tr.add_argument("--iterations", type=int, default=15, help="ALS iterations (default 15)")
+    tr.add_argument("--regularization", type=float, default=0.1, help="ALS L2 weight (default 0.1)")
+    tr.add_argument("--alpha", type=float, default=10.0,
+                    help="ALS confidence per unit of interaction weight, >= 1 (default 10)")
+    tr.add_argument("--backend", choices=["auto", "implicit", "numpy"], default="auto",
+                    help="ALS trainer (default auto: the implicit library when it imports)")
+    tr.add_argument("--k", type=int, default=10, help="k of recall@k and NDCG@k (default 10)")
+    tr.add_argument("--no-announce", action="store_true",
+                    help="write the artifact only; do not announce it on `models`")
+    tr.add_argument("--precompute", action="store_true",
+                    help="also write each active user's top k to Redis (topk:<visitor>)")
+    tr.add_argument("--precompute-k", type=int, default=None,
+                    help="items per precomputed list (default: --k)")
+    tr.add_argument("--active-days", type=float, default=7.0,
+                    help="precompute for users with an interaction in the data's last D days (default 7)")
+    tr.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     inf = sub.add_parser("infra", help="the local Kafka broker and Redis server")
     inf.add_argument("action", choices=["start", "stop", "status"])
     args = parser.parse_args(argv)
@@ -218,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run(settings, args))
         except ReplayError as exc:
             print(f"clickloop replay: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "train":
+        from services.model.train import TrainError, run as train
+        try:
+            return train(settings, args)
+        except TrainError as exc:
+            print(f"clickloop train: {exc}", file=sys.stderr)
             return 2
     if args.command == "worker":
         from streams.app import run_worker

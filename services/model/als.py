@@ -123,6 +123,9 @@ def train(matrix: sp.csr_matrix, params: AlsParams = AlsParams(), backend: Backe
     """Factorize a users × items weight matrix (`transform.interaction_matrix`)."""
     matrix = sp.csr_matrix(matrix, dtype=np.float32)
     if backend == "implicit" or (backend == "auto" and implicit_available()):
+        # Imported before the BLAS limit: it applies only to the BLAS libraries already
+        # loaded, and implicit brings scipy's own OpenBLAS (else it runs 2 threads and warns).
+        import implicit.cpu.als  # noqa: F401
         with _one_blas_thread():
             return _train_implicit(matrix, params)
     if backend not in ("auto", "numpy"):

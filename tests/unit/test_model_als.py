@@ -94,3 +94,18 @@ def test_bad_params_are_refused(kwargs):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError):
         train(sp.csr_matrix((2, 2), dtype=np.float32), PARAMS, backend="gpu")  # type: ignore[arg-type]
+
+
+def test_implicit_trains_with_one_blas_thread_even_when_imported_first_by_train():
+    """The BLAS limit covers the OpenBLAS that importing implicit loads (a fresh process: in
+    this one an earlier test may have imported it already); implicit warns otherwise."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, scipy.sparse as sp\n"
+            "from services.model.als import AlsParams, train\n"
+            "m = sp.random(40, 20, density=0.3, format='csr', dtype=np.float32, random_state=0)\n"
+            "print(train(m, AlsParams(factors=4, iterations=2), 'implicit').backend)\n")
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "implicit", done.stderr
