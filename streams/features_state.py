@@ -285,14 +285,17 @@ def encode_item_deltas(watermark: int, deltas: Mapping[str, Windows]) -> bytes:
 
 
 def decode_item_deltas(value: bytes | None) -> tuple[int, dict[str, Windows]]:
+    if value is None:
+        raise BadRecord("not JSON: the record has no value")
     try:
-        record = orjson.loads(value) if value is not None else None
-        if not isinstance(record, dict) or type(record.get("w")) is not int \
-                or not isinstance(record.get("d"), dict):
-            raise BadRecord('not an item-deltas record: expected {"w": int, "d": {...}}')
-        return record["w"], {i: Windows.from_state(s) for i, s in record["d"].items()}
+        record = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise BadRecord(f"not JSON: {exc}") from None
+    if not isinstance(record, dict) or type(record.get("w")) is not int \
+            or not isinstance(record.get("d"), dict):
+        raise BadRecord('not an item-deltas record: expected {"w": int, "d": {...}}')
+    try:
+        return record["w"], {i: Windows.from_state(s) for i, s in record["d"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BadRecord(f"unreadable item delta: {exc!r}") from None
 
