@@ -1,83 +1,115 @@
-"""Recommender HTTP service: `GET /v1/recommendations?user_id=…&k=…`.
+"""Recommender HTTP service: `GET /v1/recommendations`, `GET /health`, `GET /metrics`.
 
-One Redis round trip per request (a pipeline): the top-k popular items and the
-user's feature hash, which is returned in `debug`.
+The handler has the shape of every clickloop handler: parse (`request.py`),
+call the flow (`service.Recommender.recommend`: features, model, budget,
+breakers, fallback), answer, then queue the exposure and maybe the shadow
+scoring, neither awaited. A bad query is a 400 with the reason; a dependency
+failure is never a 5xx: it is a `fallback` answer with its `reason`.
+
+BLAS is held to one thread for the whole process: numpy's matrix-vector
+product on 10,000 × 64 factors gains nothing from threads and several BLAS
+threads per request fought the event loop for 2 cores (DESIGN.md, serving).
 """
 from __future__ import annotations
 
+import time
 import uuid
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
 
-from services.settings import Settings
+from services.recommender.metrics import Metrics
+from services.recommender.request import BadRequest, parse_query
+from services.recommender.service import Answer, Recommender, breaker_config
+from services.settings import Settings, SettingsError
 
 SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", aioredis.Redis)
-MAX_K = 100
+METRICS = web.AppKey("metrics", Metrics)
+RECOMMENDER = web.AppKey("recommender", Recommender)
+MAX_REQUEST_ID = 100
+_JSON = "application/json"
 
 
-def _json(status: int, body: dict) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"error": message}), content_type=_JSON)
 
 
-def parse_query(query) -> tuple[str, int]:
-    """The visitor and k from the query string; ValueError with the reason."""
-    visitor = query.get("user_id") or query.get("anonymous_id")
-    if not visitor:
-        raise ValueError("give user_id or anonymous_id")
-    raw_k = query.get("k", "10")
-    try:
-        k = int(raw_k)
-    except ValueError:
-        raise ValueError(f"k={raw_k!r} is not a whole number") from None
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"k={k} must be between 1 and {MAX_K}")
-    return visitor, k
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given and len(given) <= MAX_REQUEST_ID and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def body_of(request_id: str, visitor: str, answer: Answer, took_ms: float) -> bytes:
+    r, m, p = answer.ranking, answer.model, answer.profile
+    return orjson.dumps({
+        "request_id": request_id, "visitor": visitor, "path": r.path, "reason": answer.reason,
+        "source": answer.source, "model": m.name if m else None,
+        "model_version": m.version if m else None,
+        "items": [{"item_id": i, "score": s} for i, s in zip(r.items, r.scores)],
+        "features": p.status if p is not None else None, "took_ms": round(took_ms, 3)})
 
 
 async def recommendations(request: web.Request) -> web.Response:
+    t0 = time.perf_counter()
+    metrics = request.app[METRICS]
     try:
-        visitor, k = parse_query(request.query)
-    except ValueError as exc:
-        return _json(400, {"error": str(exc)})
-    settings = request.app[SETTINGS]
-    pipe = request.app[REDIS].pipeline(transaction=False)
-    pipe.zrevrange(settings.redis_key("items", "popular"), 0, k - 1, withscores=True)
-    pipe.hgetall(settings.redis_key("user", visitor))
-    try:
-        popular, features = await pipe.execute()
-    except RedisError as exc:
-        return _json(503, {"error": f"feature store unavailable: {exc}"})
-    return _json(200, {
-        "request_id": uuid.uuid4().hex,
-        "visitor": visitor,
-        "path": "popular",
-        "items": [{"item_id": item.decode(), "score": score} for item, score in popular],
-        "debug": {"features": {f.decode(): v.decode() for f, v in features.items()}},
-    })
+        query = parse_query(request.query)
+    except BadRequest as exc:
+        metrics.bad_requests.inc()
+        return _error(400, str(exc))
+    service = request.app[RECOMMENDER]
+    request_id = _request_id(request)
+    answer = await service.recommend(query)
+    took = time.perf_counter() - t0
+    body = body_of(request_id, query.visitor, answer, took * 1000)
+    ts = int(time.time() * 1000)
+    service.log_exposure(request_id, ts, query, answer)
+    service.maybe_shadow(request_id, ts, query, answer)
+    metrics.served[answer.ranking.path].inc()
+    metrics.source[answer.source].inc()
+    if answer.reason is not None:
+        metrics.fallback[answer.reason].inc()
+    metrics.latency.observe(took)
+    return web.Response(body=body, content_type=_JSON)
 
 
 async def health(request: web.Request) -> web.Response:
-    return _json(200, {"status": "ok"})
+    return web.Response(body=orjson.dumps(request.app[RECOMMENDER].health()), content_type=_JSON)
 
 
-def make_app(settings: Settings) -> web.Application:
+async def metrics(request: web.Request) -> web.Response:
+    request.app[RECOMMENDER].refresh_metrics()
+    return web.Response(body=request.app[METRICS].exposition(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def one_blas_thread() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+    threadpool_limits(1, user_api="openmp")
+
+
+def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
+    try:
+        breaker_config(settings)
+    except ValueError as exc:
+        raise SettingsError(f"CLICKLOOP_BREAKER_*: {exc}") from None
+    one_blas_thread()
     app = web.Application()
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[RECOMMENDER] = Recommender(settings, app[METRICS])
 
-    async def redis(app: web.Application):
-        # A bounded pool that waits for a free connection instead of raising
-        # "Too many connections" under a burst (DESIGN.md, serving notes).
-        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=32,
-                                                        timeout=1.0)
-        app[REDIS] = aioredis.Redis(connection_pool=pool)
+    async def lifecycle(app: web.Application):
+        await app[RECOMMENDER].start(model_wait_s)
         yield
-        await app[REDIS].aclose()
+        await app[RECOMMENDER].stop()
 
-    app.cleanup_ctx.append(redis)
+    app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/v1/recommendations", recommendations)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app

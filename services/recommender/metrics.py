@@ -1,0 +1,70 @@
+"""The recommender's Prometheus metrics (`GET /metrics`), one registry per app.
+
+Breaker states, the model versions, the popular list and the Kafka logs are
+read from their owners when /metrics is scraped (`refresh`), so the request
+path pays only for counters and the latency histogram.
+"""
+from __future__ import annotations
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+
+disable_created_metrics()
+
+PATHS = ("model", "fallback", "cold_start")
+REASONS = ("no_model", "redis_error", "redis_timeout", "redis_open", "model_error", "model_open",
+           "budget")
+SOURCES = ("online", "precomputed", "popular", "prior")
+DEPENDENCIES = ("redis", "model")
+STATE_CODES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        ns = "clickloop_recommender"
+        served = Counter(f"{ns}_responses", "Recommendations answered 200, by path", ["path"], registry=r)
+        self.served = {p: served.labels(p) for p in PATHS}
+        source = Counter(f"{ns}_responses_by_source", "Answers by where the items came from",
+                         ["source"], registry=r)
+        self.source = {s: source.labels(s) for s in SOURCES}
+        fallback = Counter(f"{ns}_fallbacks", "Fallback answers, by reason", ["reason"], registry=r)
+        self.fallback = {reason: fallback.labels(reason) for reason in REASONS}
+        self.bad_requests = Counter(f"{ns}_bad_requests", "Requests answered 400", registry=r)
+        self.latency = Histogram(f"{ns}_latency_seconds", "Handler time of a recommendation",
+                                 buckets=(.0005, .001, .002, .003, .005, .0075, .01, .02, .05, .1, .25),
+                                 registry=r)
+        cache = Counter(f"{ns}_feature_cache", "Feature reads served by the hot-key cache or not",
+                        ["result"], registry=r)
+        self.cache_hit, self.cache_miss = cache.labels("hit"), cache.labels("miss")
+        features = Counter(f"{ns}_feature_groups", "User feature groups read, by status",
+                           ["group", "status"], registry=r)
+        self.features = {(g, s): features.labels(g, s) for g in ("activity", "recent")
+                         for s in ("fresh", "stale", "missing")}
+        self.breaker_state = Gauge(f"{ns}_breaker_state", "Circuit breaker: 0 closed, 1 half-open, "
+                                   "2 open", ["dependency"], registry=r)
+        self.breaker_opened = Gauge(f"{ns}_breaker_opened", "Times the breaker opened since start",
+                                    ["dependency"], registry=r)
+        self.breaker_rejected = Gauge(f"{ns}_breaker_rejected", "Calls refused by the open breaker "
+                                      "since start", ["dependency"], registry=r)
+        self.breaker_error_rate = Gauge(f"{ns}_breaker_error_rate", "Error rate in the rolling window",
+                                        ["dependency"], registry=r)
+        self.model_info = Gauge(f"{ns}_model_info", "1 for each loaded model version", ["role", "name",
+                                "version"], registry=r)
+        loads = Counter(f"{ns}_model_loads", "Model announcements loaded or refused", ["outcome"],
+                        registry=r)
+        self.model_loaded, self.model_failed = loads.labels("loaded"), loads.labels("failed")
+        self.popular_items = Gauge(f"{ns}_popular_items", "Items in the in-memory popular list",
+                                   registry=r)
+        self.popular_age = Gauge(f"{ns}_popular_age_seconds", "Since the popular list was last "
+                                 "refreshed (-1: never)", registry=r)
+        self.log_sent = Gauge(f"{ns}_log_sent", "Records acknowledged by Kafka", ["topic"], registry=r)
+        self.log_dropped = Gauge(f"{ns}_log_dropped", "Records dropped (buffer full or refused)",
+                                 ["topic"], registry=r)
+        self.log_buffered = Gauge(f"{ns}_log_buffered", "Records waiting for the producer",
+                                  ["topic"], registry=r)
+        self.shadow_skipped = Counter(f"{ns}_shadow_skipped", "Sampled requests not shadow-scored "
+                                      "(no shadow model or no features)", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,237 @@
+"""Models served: loaded from their announcements on `models`, hot-swapped by reference.
+
+`clickloop train` writes an artifact (services/model/artifact.py) and announces
+it on the compacted `models` topic, keyed by model name. `ModelWatcher` reads
+that topic from the beginning at start-up (the last record per key wins),
+loads the served model (and the shadow model, if any), then keeps consuming.
+A new announcement is loaded and verified (content hash) in a worker thread
+while requests go on with the old model; the swap is one dict assignment on
+the event loop, and a request takes its model reference once, so no request
+ever sees half of a model. A model that fails to load or verify is refused and
+the previous one stays.
+
+`ServedModel` is what inference needs: the catalogue (item ids, factors,
+popularity prior), the known users' rows and a `FoldIn` for users the model
+has not seen, built from their recent items with the shared transform
+(`services.model.transform.user_vector`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+
+from services.model import artifact as artifacts
+from services.model.als import AlsParams, FoldIn
+from services.model.transform import user_vector
+from services.recommender.ranking import Catalogue
+from services.settings import Settings
+from streams import topics
+
+log = logging.getLogger("clickloop.recommender.models")
+ALS_FIELDS = frozenset(AlsParams.__dataclass_fields__)
+
+
+class ModelError(Exception):
+    """An announcement or artifact the recommender refuses to serve from."""
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """A `models` record: which version of which model, where, with which content hash."""
+
+    name: str
+    version: str
+    path: str
+    content_sha256: str
+
+    @classmethod
+    def parse(cls, value: bytes) -> "Announcement":
+        try:
+            d = orjson.loads(value)
+            if d.get("v") != 1:
+                raise ModelError(f"announcement format {d.get('v')!r}, this reader knows 1")
+            return cls(str(d["name"]), str(d["version"]), str(d["path"]), str(d["content_sha256"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"unreadable announcement: {exc!r}") from None
+
+
+class ServedModel:
+    """One loaded, verified model version: everything a request needs to score."""
+
+    def __init__(self, art: artifacts.Artifact) -> None:
+        m, a = art.manifest, art.arrays
+        try:
+            items, users, user_ids = a["item_factors"], a["user_factors"], a["user_ids"]
+        except KeyError as exc:
+            raise ModelError(f"{art.path}: artifact lacks array {exc}") from None
+        if items.ndim != 2 or users.ndim != 2 or users.shape[1] != items.shape[1] \
+                or len(user_ids) != users.shape[0]:
+            raise ModelError(f"{art.path}: factor shapes {items.shape} / {users.shape} / "
+                             f"{user_ids.shape} do not fit together")
+        self.name, self.version, self.path = m.name, m.version, art.path
+        self.content_sha256 = m.content_sha256
+        self.catalogue = Catalogue(m.item_ids, items, a.get("item_popularity"))
+        self.user_factors = np.ascontiguousarray(users, np.float32)
+        self.user_rows = {str(u): i for i, u in enumerate(user_ids.tolist())}
+        params = AlsParams(**{k: v for k, v in m.params.items() if k in ALS_FIELDS})
+        self.fold = FoldIn(self.catalogue.factors, params)
+        self.factors = items.shape[1]
+
+    def vector(self, visitor: str, recent: Iterable) -> np.ndarray | None:
+        """The visitor's row when the model knows them, else folded in from their recent
+        items (the shared transform), else None (cold start)."""
+        row = self.user_rows.get(visitor)
+        if row is not None:
+            return self.user_factors[row]
+        return user_vector(visitor, recent, self.catalogue.index, self.fold) if recent else None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "items": len(self.catalogue.ids),
+                "users": len(self.user_rows), "factors": self.factors,
+                "content_sha256": self.content_sha256}
+
+
+def load(ann: Announcement, root: Path) -> ServedModel:
+    """Read, verify and build a model (blocking: run it in a thread)."""
+    path = Path(ann.path)
+    if not path.is_absolute() and not path.exists():
+        path = root / path
+    try:
+        art = artifacts.read(path)
+    except artifacts.ArtifactError as exc:
+        raise ModelError(str(exc)) from None
+    m = art.manifest
+    if (m.name, m.version, m.content_sha256) != (ann.name, ann.version, ann.content_sha256):
+        raise ModelError(f"{path}: holds {m.name} {m.version} ({m.content_sha256[:12]}), the "
+                         f"announcement says {ann.name} {ann.version} ({ann.content_sha256[:12]})")
+    return ServedModel(art)
+
+
+class ModelWatcher:
+    """The models served by name (`current`), following the `models` topic."""
+
+    def __init__(self, settings: Settings, names: Iterable[str],
+                 on_event: Callable[[str, str], None] = lambda name, outcome: None) -> None:
+        self.settings = settings
+        self.names = frozenset(n for n in names if n)
+        self.current: dict[str, ServedModel] = {}
+        self.last_error: str | None = None
+        self.on_event = on_event   # (model name, "loaded" | "failed") for metrics
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task | None = None
+        self._caught_up = asyncio.Event()
+
+    def get(self, name: str) -> ServedModel | None:
+        return self.current.get(name)
+
+    async def _apply(self, latest: dict[str, Announcement]) -> None:
+        for name, ann in latest.items():
+            have = self.current.get(name)
+            if have is not None and (have.version, have.content_sha256) == (ann.version, ann.content_sha256):
+                continue
+            t0 = time.perf_counter()
+            try:
+                model = await asyncio.to_thread(load, ann, self.settings.model_root)
+            except (ModelError, OSError, ValueError) as exc:
+                self.last_error = f"{name} {ann.version}: {exc}"
+                log.error("model refused, keeping %s: %s", have.version if have else "none", exc)
+                self.on_event(name, "failed")
+                continue
+            self.current[name] = model  # the swap: requests pick up the new reference
+            self.on_event(name, "loaded")
+            log.info("serving %s %s (%d items) loaded in %.0f ms", name, ann.version,
+                     len(model.catalogue.ids), (time.perf_counter() - t0) * 1000)
+
+    async def _open(self) -> AIOKafkaConsumer:
+        topic = self.settings.topic(topics.MODELS)
+        await topics.ensure_topics(self.settings, (topics.MODELS,))
+        # No group: a subscription then gets every partition, from the beginning.
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.settings.kafka_bootstrap,
+                                    group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", isolation_level="read_committed",
+                                    fetch_max_wait_ms=200)
+        await consumer.start()
+        return consumer
+
+    def _latest(self, records, latest: dict[str, Announcement]) -> None:
+        for r in records:
+            name = r.key.decode(errors="replace") if r.key else None
+            if name not in self.names or r.value is None:
+                continue
+            try:
+                ann = Announcement.parse(r.value)
+            except ModelError as exc:
+                self.last_error = f"{name}: {exc}"
+                log.error("models record %s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
+                continue
+            latest[name] = ann
+
+    async def _catch_up(self, consumer: AIOKafkaConsumer) -> None:
+        latest: dict[str, Announcement] = {}
+        for _ in range(100):
+            if consumer.assignment():
+                break
+            for records in (await consumer.getmany(timeout_ms=100)).values():
+                self._latest(records, latest)
+        tps = sorted(consumer.assignment())
+        if not tps:
+            raise ModelError(f"no partition of {self.settings.topic(topics.MODELS)} assigned")
+        end = await consumer.end_offsets(tps)
+        while any([await consumer.position(tp) < end[tp] for tp in tps]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                self._latest(records, latest)
+        await self._apply(latest)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self._consumer is None:
+                    self._consumer = await self._open()
+                    await self._catch_up(self._consumer)
+                self._caught_up.set()
+                while True:
+                    batches = await self._consumer.getmany(timeout_ms=1000)
+                    latest: dict[str, Announcement] = {}
+                    for records in batches.values():
+                        self._latest(records, latest)
+                    if latest:
+                        await self._apply(latest)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Kafka away, metadata errors: retry, keep serving
+                self.last_error = f"models topic: {exc!r}"
+                log.warning("models topic unavailable, retrying: %r", exc)
+                if self._consumer is not None:
+                    consumer, self._consumer = self._consumer, None
+                    try:
+                        await consumer.stop()
+                    except KafkaError:
+                        pass
+                await asyncio.sleep(1.0)
+
+    async def start(self, wait_s: float) -> None:
+        """Start following the topic; wait up to `wait_s` for the first models to load."""
+        self._task = asyncio.create_task(self._run(), name="model-watcher")
+        try:
+            await asyncio.wait_for(self._caught_up.wait(), wait_s)
+        except TimeoutError:
+            log.warning("no model loaded within %.0f s; serving fallback until one is", wait_s)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._consumer is not None:
+            await self._consumer.stop()

@@ -1,0 +1,103 @@
+"""The popular list behind the fallback: kept in memory, refreshed in the background.
+
+The features worker writes one `popular:<p>` hash per partition p (group
+`top`: the partition's decayed item weights as of the group's timestamp, see
+`streams.feature_windows.Popularity`). `merge_snapshots` (pure) merges the
+fresh ones into one ranking as of now; stale or missing partitions are left
+out, so a stopped worker's old list is not served as today's. `PopularList`
+re-reads the hashes every `popular_refresh_ms` in one pipeline with its own
+timeout, outside the request path and outside the breakers: the fallback must
+not depend on Redis answering now. On failure it keeps the last good list.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.settings import Settings
+from streams.feature_store import FEATURE_SET_VERSION, POPULAR, read
+from streams.feature_windows import Popularity
+
+log = logging.getLogger("clickloop.recommender.popular")
+
+
+def merge_snapshots(hashes: Sequence[Mapping], now_ms: int, n: int) -> tuple[list[tuple[str, float]], int]:
+    """The top n of the fresh partition snapshots merged as of now, and how many were fresh."""
+    merged: Popularity | None = None
+    fresh = 0
+    for raw in hashes:
+        if not raw:
+            continue
+        entity = read(POPULAR, FEATURE_SET_VERSION, raw, now_ms)
+        values = entity.fresh("top")
+        if values is None:
+            continue
+        try:
+            part = Popularity.from_snapshot(values, entity.groups["top"].ts, capacity=max(n, 1))
+            merged = part if merged is None else merged.merge(part)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("popular snapshot skipped: %s", exc)
+            continue
+        fresh += 1
+    return (merged.top(n, now_ms) if merged is not None else []), fresh
+
+
+class PopularList:
+    """The live popular items (best first) and when they were last refreshed."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = [settings.redis_key("popular", str(p)) for p in range(settings.partitions)]
+        self.items: list[tuple[str, float]] = []
+        self.fresh_partitions = 0
+        self.refreshed_mono_ms: int | None = None
+        self.failures = 0
+        self._task: asyncio.Task | None = None
+
+    async def refresh(self) -> None:
+        """Read every partition's snapshot once (one pipeline); raises on Redis errors."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.keys:
+            pipe.hgetall(key)
+        timeout = max(self.settings.popular_refresh_ms / 2000, self.settings.redis_budget_ms / 1000)
+        async with asyncio.timeout(timeout):
+            hashes = await pipe.execute()
+        items, fresh = merge_snapshots(hashes, int(time.time() * 1000), self.settings.popular_items)
+        self.items, self.fresh_partitions = items, fresh
+        self.refreshed_mono_ms = time.monotonic_ns() // 1_000_000
+
+    def age_ms(self) -> int | None:
+        if self.refreshed_mono_ms is None:
+            return None
+        return time.monotonic_ns() // 1_000_000 - self.refreshed_mono_ms
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.failures += 1
+                log.debug("popular refresh failed: %r", exc)
+            await asyncio.sleep(self.settings.popular_refresh_ms / 1000)
+
+    async def start(self) -> None:
+        try:
+            await self.refresh()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failures += 1
+            log.warning("first popular refresh failed (serving without it until Redis answers): %r", exc)
+        self._task = asyncio.create_task(self._run(), name="popular-refresh")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

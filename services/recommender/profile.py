@@ -1,0 +1,74 @@
+"""What the recommender knows about a visitor, from one Redis round trip: pure, no I/O.
+
+`profile_of` turns the pipeline's two answers — the `user:<visitor>` hash
+(HGETALL, layout in `streams.feature_store`) and the precomputed top-k string
+(`topk:<visitor>`, JSON written by `clickloop train --precompute`) — into a
+`Profile`. Only fresh groups are used: a stale `recent` group (its `_ts` older
+than the group's max age) gives no recent items, so the visitor is not folded
+in from it and nothing is filtered as seen from it; its status says `stale`
+(the response and /metrics show it). An unreadable top-k value is ignored.
+
+A profile is what the hot-key cache keeps, so the fold-in vector of an unknown
+user is memoized on it per model version (`vectors`): a visitor reloading a
+page pays for one solve per cache period, not one per request.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from streams.feature_store import FEATURE_SET_VERSION, USER, read
+
+
+@dataclass(frozen=True, slots=True)
+class TopK:
+    """A precomputed ranking for one visitor, by one model version."""
+
+    name: str
+    version: str
+    items: list[tuple[str, float]]
+    computed_ms: int
+
+
+@dataclass(slots=True)
+class Profile:
+    """A visitor's fresh features: recent interactions, seen items, group statuses, top-k."""
+
+    recent: list[list]                   # [item, action, ts], most recent first; fresh only
+    seen: frozenset[str]
+    status: dict[str, str]               # group -> fresh | stale | missing
+    topk: TopK | None
+    vectors: dict[str, np.ndarray | None] = field(default_factory=dict)  # model version -> vector
+
+
+EMPTY_STATUS = {g.name: "missing" for g in USER.groups}
+
+
+def parse_topk(raw: bytes | str | None) -> TopK | None:
+    """The precomputed top-k JSON, or None when absent or unreadable."""
+    if not raw:
+        return None
+    try:
+        d = orjson.loads(raw)
+        return TopK(str(d["name"]), str(d["version"]),
+                    [(str(i), float(s)) for i, s in d["items"]], int(d.get("computed_ms") or 0))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def profile_of(user_hash: Mapping[bytes | str, bytes | str], topk_raw: bytes | str | None,
+               now_ms: int) -> Profile:
+    """A profile from the pipeline's answers as of now (epoch ms, wall clock)."""
+    topk = parse_topk(topk_raw)
+    if not user_hash:
+        return Profile([], frozenset(), dict(EMPTY_STATUS), topk)
+    entity = read(USER, FEATURE_SET_VERSION, user_hash, now_ms)
+    recent_group = entity.fresh("recent")
+    recent = []
+    if recent_group is not None and isinstance(recent_group.get("items"), list):
+        recent = [r for r in recent_group["items"] if isinstance(r, list) and len(r) == 3]
+    status = {name: g.status for name, g in entity.groups.items()}
+    return Profile(recent, frozenset(str(r[0]) for r in recent), status, topk)

@@ -1,0 +1,285 @@
+"""The recommender's request flow: features, model, budget, breakers, fallback, logs.
+
+For one request (`recommend`):
+1. features: the hot-key cache, else ONE Redis round trip (a pipeline: the
+   user hash and the precomputed top-k) under the Redis budget and the Redis
+   breaker; a timeout or an error counts as a failure for the breaker;
+2. the model reference, taken once (a hot swap never splits a request);
+3. past the total budget already, or the model breaker open, or no model:
+   the fallback;
+4. scoring: the precomputed top-k when it is by the served version and still
+   holds k unseen items, else local numpy inference (`ranking.rank`) on the
+   user's row, their fold-in vector, or popularity alone (`cold_start`);
+5. the fallback ranks the live popular list (in memory, `PopularList`), or the
+   model's training popularity when that list is empty: never an error.
+The exposure is queued (not awaited) and the shadow model, for sampled
+requests, scores on a later turn of the event loop, after the answer left.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from services.recommender import records
+from services.recommender.breaker import BreakerConfig, CircuitBreaker
+from services.recommender.cache import TTLCache
+from services.recommender.metrics import Metrics
+from services.recommender.models import ModelWatcher, ServedModel
+from services.recommender.popular import PopularList
+from services.recommender.profile import Profile, profile_of
+from services.recommender.ranking import Ranking, fallback, rank
+from services.recommender.request import Query, in_shadow
+from services.recommender.topic_log import TopicLog
+from services.settings import Settings
+from streams import topics
+
+log = logging.getLogger("clickloop.recommender")
+_MISSING = object()
+
+
+def _mono_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a request gets, and what its exposure records."""
+
+    ranking: Ranking
+    source: str                  # online | precomputed | popular | prior
+    reason: str | None           # why a fallback
+    model: ServedModel | None
+    profile: Profile | None
+
+
+def breaker_config(settings: Settings) -> BreakerConfig:
+    return BreakerConfig(window_ms=settings.breaker_window_ms,
+                         buckets=10 if settings.breaker_window_ms % 10 == 0 else 1,
+                         min_requests=settings.breaker_min_requests,
+                         error_threshold=settings.breaker_error_pct / 100,
+                         sleep_ms=settings.breaker_sleep_ms)
+
+
+def score(model: ServedModel, query: Query, profile: Profile) -> tuple[Ranking, str]:
+    """The model's top k for a visitor (pure but for the vector memo on the profile)."""
+    seen = profile.seen if query.exclude_seen else frozenset()
+    topk = profile.topk
+    if topk is not None and topk.version == model.version and topk.name == model.name:
+        kept = [(i, s) for i, s in topk.items if i not in seen][:query.k]
+        if len(kept) >= query.k:
+            return Ranking([i for i, _ in kept], [s for _, s in kept], "model"), "precomputed"
+    vector = profile.vectors.get(model.version, _MISSING)
+    if vector is _MISSING:
+        vector = profile.vectors[model.version] = model.vector(query.visitor, profile.recent)
+    ranking = rank(model.catalogue, vector, query.k, seen, n_interactions=len(profile.recent))
+    return ranking, "online" if vector is not None else "prior"
+
+
+class Recommender:
+    """Everything a request needs, with its lifecycle (`start` / `stop`)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        config = breaker_config(settings)
+        self.redis_breaker = CircuitBreaker(config)
+        self.model_breaker = CircuitBreaker(config)
+        self.cache: TTLCache[str, Profile] = TTLCache(settings.feature_cache_ms,
+                                                      settings.feature_cache_size)
+        self.redis_budget_s = settings.redis_budget_ms / 1000
+        self.budget_ms = settings.budget_ms
+        self.model_budget_ms = max(settings.budget_ms - settings.redis_budget_ms, 1)
+        self.redis: aioredis.Redis | None = None
+        self.popular: PopularList | None = None
+        self.watcher = ModelWatcher(settings, (settings.model_name, settings.shadow_model),
+                                    self._model_event)
+        self.exposures = TopicLog(settings, settings.topic(topics.EXPOSURES))
+        self.shadow_log = TopicLog(settings, settings.topic(topics.SHADOW))
+        self.user_prefix = settings.redis_key("user", "")
+        self.topk_prefix = settings.redis_key("topk", "")
+
+    def _model_event(self, name: str, outcome: str) -> None:
+        (self.metrics.model_loaded if outcome == "loaded" else self.metrics.model_failed).inc()
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self, model_wait_s: float = 15.0) -> None:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        s = self.settings
+        # A bounded pool that waits (within the budget) for a free connection
+        # instead of raising "Too many connections" under a burst, and no
+        # retries: the budget and the breaker decide, not a retry loop.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            s.redis_url, max_connections=s.redis_pool, timeout=max(s.budget_ms / 1000, 0.05),
+            retry=Retry(NoBackoff(), 0), socket_connect_timeout=max(s.budget_ms / 1000, 0.05),
+            health_check_interval=0)
+        self.redis = aioredis.Redis(connection_pool=pool)
+        self.popular = PopularList(s, self.redis)
+        try:
+            await asyncio.wait_for(topics.ensure_topics(s, (topics.EXPOSURES, topics.SHADOW)), 15)
+        except Exception as exc:  # the logs buffer until Kafka is back
+            log.warning("could not create exposures/shadow topics: %r", exc)
+        self.exposures.start()
+        if s.shadow_fraction > 0:
+            self.shadow_log.start()
+        await self.popular.start()
+        await self.watcher.start(model_wait_s)
+
+    async def stop(self) -> None:
+        await self.watcher.stop()
+        if self.popular is not None:
+            await self.popular.stop()
+        await self.exposures.stop()
+        if self.settings.shadow_fraction > 0:
+            await self.shadow_log.stop()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # -- a request ------------------------------------------------------------
+    async def _fetch(self, visitor: str, start_ms: int) -> tuple[Profile | None, str | None]:
+        """The visitor's profile from the cache or Redis, or None and the reason."""
+        cached = self.cache.get(visitor, start_ms)
+        if cached is not None:
+            self.metrics.cache_hit.inc()
+            return cached, None
+        self.metrics.cache_miss.inc()
+        breaker = self.redis_breaker
+        if not breaker.allow(start_ms):
+            return None, "redis_open"
+        pipe = self.redis.pipeline(transaction=False)  # type: ignore[union-attr]
+        pipe.hgetall(self.user_prefix + visitor)
+        pipe.get(self.topk_prefix + visitor)
+        try:
+            async with asyncio.timeout(self.redis_budget_s):
+                user_hash, topk_raw = await pipe.execute()
+        except TimeoutError:
+            breaker.record(False, _mono_ms())
+            return None, "redis_timeout"
+        except (RedisError, OSError) as exc:
+            breaker.record(False, _mono_ms())
+            log.debug("redis read failed: %r", exc)
+            return None, "redis_error"
+        now = _mono_ms()
+        breaker.record(True, now)
+        profile = profile_of(user_hash, topk_raw, int(time.time() * 1000))
+        for group, status in profile.status.items():
+            self.metrics.features[(group, status)].inc()
+        self.cache.put(visitor, profile, now)
+        return profile, None
+
+    def _fallback(self, query: Query, reason: str, model: ServedModel | None,
+                  profile: Profile | None) -> Answer:
+        seen = profile.seen if profile is not None and query.exclude_seen else frozenset()
+        popular = self.popular.items if self.popular is not None else []
+        if popular or model is None:
+            return Answer(fallback(popular, query.k, seen), "popular", reason, model, profile)
+        prior = rank(model.catalogue, None, query.k, seen)
+        return Answer(Ranking(prior.items, prior.scores, "fallback"), "prior", reason, model, profile)
+
+    async def recommend(self, query: Query) -> Answer:
+        start = _mono_ms()
+        profile, reason = await self._fetch(query.visitor, start)
+        model = self.watcher.current.get(self.settings.model_name)
+        if profile is None:
+            return self._fallback(query, reason, model, None)  # type: ignore[arg-type]
+        if model is None:
+            return self._fallback(query, "no_model", None, profile)
+        now = _mono_ms()
+        if now - start >= self.budget_ms:
+            return self._fallback(query, "budget", model, profile)
+        breaker = self.model_breaker
+        if not breaker.allow(now):
+            return self._fallback(query, "model_open", model, profile)
+        try:
+            ranking, source = score(model, query, profile)
+        except Exception:  # a broken model must not become a 5xx
+            breaker.record(False, _mono_ms())
+            log.exception("scoring with %s %s failed", model.name, model.version)
+            return self._fallback(query, "model_error", model, profile)
+        done = _mono_ms()
+        breaker.record(done - now < self.model_budget_ms, done)
+        return Answer(ranking, source, None, model, profile)
+
+    # -- after the answer -----------------------------------------------------
+    def log_exposure(self, request_id: str, ts: int, query: Query, answer: Answer) -> None:
+        m = answer.model
+        record = records.exposure(request_id, ts, query, answer.ranking.items, answer.ranking.scores,
+                                  answer.ranking.path, answer.reason, answer.source,
+                                  m.name if m else None, m.version if m else None)
+        self.exposures.log(query.visitor.encode(), orjson.dumps(record))
+
+    def maybe_shadow(self, request_id: str, ts: int, query: Query, answer: Answer) -> None:
+        """For sampled requests, score the shadow model on a later loop turn and log both."""
+        if self.settings.shadow_fraction <= 0 or not in_shadow(request_id, self.settings.shadow_fraction):
+            return
+        asyncio.get_running_loop().call_soon(self._shadow, request_id, ts, query, answer)
+
+    def _shadow(self, request_id: str, ts: int, query: Query, answer: Answer) -> None:
+        shadow_model = self.watcher.current.get(self.settings.shadow_model)
+        if shadow_model is None or answer.profile is None:
+            self.metrics.shadow_skipped.inc()
+            return
+        t0 = time.perf_counter_ns()
+        try:
+            ranking, _ = score(shadow_model, query, answer.profile)
+        except Exception:
+            log.exception("shadow scoring with %s failed", shadow_model.version)
+            self.metrics.shadow_skipped.inc()
+            return
+        took_us = (time.perf_counter_ns() - t0) // 1000
+        m = answer.model
+        served = records.ranking(m.name if m else None, m.version if m else None,
+                                 answer.ranking.path, answer.ranking.items, answer.ranking.scores)
+        other = records.ranking(shadow_model.name, shadow_model.version, ranking.path,
+                                ranking.items, ranking.scores)
+        self.shadow_log.log(query.visitor.encode(),
+                            orjson.dumps(records.shadow(request_id, ts, query, served, other, took_us)))
+
+    # -- reporting --------------------------------------------------------------
+    def health(self) -> dict:
+        now = _mono_ms()
+        models = {role: (m.describe() if (m := self.watcher.current.get(name)) else None)
+                  for role, name in (("served", self.settings.model_name),
+                                     ("shadow", self.settings.shadow_model)) if name}
+        breakers = {"redis": self.redis_breaker.snapshot(now).as_dict(),
+                    "model": self.model_breaker.snapshot(now).as_dict()}
+        popular = self.popular
+        degraded = models["served"] is None or any(b["state"] != "closed" for b in breakers.values())
+        return {"status": "degraded" if degraded else "ok", "models": models, "breakers": breakers,
+                "model_error": self.watcher.last_error,
+                "popular": {"items": len(popular.items) if popular else 0,
+                            "fresh_partitions": popular.fresh_partitions if popular else 0,
+                            "age_ms": popular.age_ms() if popular else None},
+                "cache": {"entries": len(self.cache), "hits": self.cache.hits,
+                          "misses": self.cache.misses},
+                "exposures": {"sent": self.exposures.sent, "dropped": self.exposures.dropped,
+                              "buffered": len(self.exposures.buffer),
+                              "kafka_ready": self.exposures.ready}}
+
+    def refresh_metrics(self) -> None:
+        m, now = self.metrics, _mono_ms()
+        for dep, breaker in (("redis", self.redis_breaker), ("model", self.model_breaker)):
+            snap = breaker.snapshot(now)
+            m.breaker_state.labels(dep).set({"closed": 0, "half_open": 1, "open": 2}[snap.state.value])
+            m.breaker_opened.labels(dep).set(snap.opened_count)
+            m.breaker_rejected.labels(dep).set(snap.rejected)
+            m.breaker_error_rate.labels(dep).set(snap.error_rate)
+        m.model_info.clear()
+        for role, name in (("served", self.settings.model_name), ("shadow", self.settings.shadow_model)):
+            if name and (model := self.watcher.current.get(name)) is not None:
+                m.model_info.labels(role, model.name, model.version).set(1)
+        if self.popular is not None:
+            m.popular_items.set(len(self.popular.items))
+            age = self.popular.age_ms()
+            m.popular_age.set(-1 if age is None else age / 1000)
+        for tlog in (self.exposures, self.shadow_log):
+            m.log_sent.labels(tlog.topic).set(tlog.sent)
+            m.log_dropped.labels(tlog.topic).set(tlog.dropped)
+            m.log_buffered.labels(tlog.topic).set(len(tlog.buffer))
