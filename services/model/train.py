@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -420,6 +421,8 @@ def summary(options: TrainOptions, read: ArchiveRead, trained: Trained, art: art
 def run(settings: Settings, args) -> int:
     """`clickloop train`; TrainError for anything the user can fix."""
     options = TrainOptions.from_args(args, settings.model_name)
+    # aiokafka logs every failed connection attempt; a failure is reported once, as a TrainError.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     def progress(text: str) -> None:
         if not options.json:
@@ -457,7 +460,7 @@ def run(settings: Settings, args) -> int:
         except Exception as exc:  # noqa: BLE001 - any Kafka failure: say what was done and what to do
             raise TrainError(f"the artifact is written ({art.path}) but announcing it on "
                              f"{settings.topic('models')} at {settings.kafka_bootstrap} failed: "
-                             f"{type(exc).__name__}: {exc}. Start Kafka (`clickloop infra start`) "
+                             f"{exc or type(exc).__name__}. Start Kafka (`clickloop infra start`) "
                              f"and train again, or use --no-announce") from None
     if options.json:
         print(orjson.dumps({

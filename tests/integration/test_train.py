@@ -22,7 +22,10 @@ from services.demo import click_records
 from services.model import artifact
 from services.replay.command import ARCHIVER, _committed
 from streams import topics
+from schemas.archive import SCHEMAS
+from streams.archive_layout import FileRange
 from streams.archive_store import ArchiveStore
+from streams.archive_table import Columns, split_by_hour
 from tests.integration.helpers import eventually, read_topic
 
 pytestmark = pytest.mark.integration
@@ -185,6 +188,9 @@ async def test_train_evaluates_writes_announces_and_precomputes(settings, worker
         assert "no item interactions in the archive" in done.stderr, done.stderr
         assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["als", "als-recent"]
     finally:
+        leftovers = list(client.scan_iter(settings.redis_key("topk", "*")))
+        if leftovers:
+            client.delete(*leftovers)
         client.close()
 
 
@@ -214,3 +220,48 @@ def test_empty_archive_and_bad_options_are_clean_errors(settings, tmp_path):
         assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert done.stdout == ""
     assert not (tmp_path / "models").exists()
+
+
+def build_archive(settings, events: list[dict]) -> None:
+    """The archive the worker would write for these events on partition 0, one flush, built with
+    the worker's own table and store code (for tests that need no broker)."""
+    spec, per_record = SCHEMAS[topics.CLICKS], 50
+    columns = Columns(spec, 0)
+    for offset, start in enumerate(range(0, len(events), per_record)):
+        assert not columns.add(events[start:start + per_record], offset, END)
+    table, bad = columns.to_table()
+    assert not bad
+    store = ArchiveStore(settings.archive_root)
+    flush = FileRange(0, 0, (len(events) - 1) // per_record)
+    store.publish([store.write(settings.topic(topics.CLICKS), hour, flush, part, "test")
+                   for hour, part in split_by_hour(table, spec.event_time)])
+
+
+def test_kafka_or_redis_down_is_a_clean_error_after_the_artifact_is_written(settings, tmp_path):
+    """Training reads the archive without Kafka (every published file: the committed offsets
+    are unknown); announcing or precomputing then fails with what was done and what to do."""
+    settings = dataclasses.replace(settings, model_dir=str(tmp_path / "models"))
+    build_archive(settings, planted_clicks()[0])
+    no_kafka = dataclasses.replace(settings, kafka_bootstrap="127.0.0.1:1")
+    no_redis = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+
+    done = train(no_kafka, "--factors", "4", "--iterations", "3")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "but announcing it on" in done.stderr and "--no-announce" in done.stderr, done.stderr
+    (written,) = (tmp_path / "models" / "als").iterdir()
+    assert artifact.verify(written).params["factors"] == 4
+
+    done = train(no_kafka, "--factors", "4", "--iterations", "3", "--no-announce")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("model als version ")
+    heads = [line.split()[0] for line in lines[1:]]
+    assert heads == ["data", "archive", "trained", "ALS", "hold-out", "recall@10", "model",
+                     "popularity", "artifact", "announced"], done.stdout
+    assert f"{USERS} users, {GROUPS * PER_GROUP} items" in done.stdout
+    assert "announced    no (--no-announce)" in done.stdout
+
+    done = train(no_redis, "--precompute", "--no-announce", "--factors", "4", "--iterations", "3")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "writing top-k lists to Redis at redis://127.0.0.1:1/0 failed" in done.stderr, done.stderr
+    assert len(list((tmp_path / "models" / "als").iterdir())) == 3
