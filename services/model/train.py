@@ -392,12 +392,13 @@ def summary(options: TrainOptions, read: ArchiveRead, trained: Trained, art: art
         f"model {options.name} version {art.manifest.version}",
         f"  data         {ms_to_iso(lo)} .. {ms_to_iso(hi)} (event time; asked {options.range_text()})",
         f"  archive      {read.where}: {read.files} file(s), {read.events:,} events in range"
-        + (f", {read.uncommitted} uncommitted file(s) left out" if read.uncommitted else ""),
+        + (f", {read.uncommitted} uncommitted file(s) left out" if read.uncommitted else "")
+        + (f", {read.vanished} file(s) deleted while reading" if read.vanished else ""),
         f"  trained on   {len(m.users):,} users, {len(m.items):,} items, {trained.interactions:,} "
         f"interactions ({m.matrix.nnz:,} user-item pairs)",
         f"  ALS          {trained.factors.backend}, {options.params.factors} factors, "
         f"{options.params.iterations} iterations, regularization {options.params.regularization}, "
-        f"alpha {options.params.alpha} ({seconds:.1f} s with the hold-out model)",
+        f"alpha {options.params.alpha}; hold-out and final models in {seconds:.1f} s",
         f"  hold-out     events from {ms_to_iso(h.cutoff)} on ({h.test_interactions:,} interactions, "
         f"{h.model.users:,} users scored; model trained on the {h.train_interactions:,} before)",
         f"               {'recall@' + str(k):>10}  {'NDCG@' + str(k):>10}",
