@@ -18,6 +18,8 @@ from bench._common import produce
 from services.demo import click_events, click_records
 from schemas.times import ms_to_iso
 from streams import sessionize, topics
+from streams.feature_store import FEATURE_SET_VERSION, POPULAR, read
+from streams.feature_windows import Popularity
 from tests.conftest import Workers
 from tests.integration.helpers import eventually, offline_sessions, read_topic
 
@@ -30,16 +32,44 @@ def replay(settings, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+AS_OF = int(time.time() * 1000)     # popularity snapshots are compared decayed to this time
+
+
 async def features_snapshot(settings) -> dict:
+    """The features worker's hashes without their `_ts:` fields (the watermark of the flush
+    that wrote them, which depends on how records fell into flushes), popularity decayed to
+    one time and rounded (its float sums depend on the merge order)."""
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        users = {}
-        async for key in redis.scan_iter(match=settings.redis_key("user", "*")):
-            users[key] = await redis.hgetall(key)
-        popular = await redis.zrange(settings.redis_key("items", "popular"), 0, -1, withscores=True)
-        return {"users": users, "popular": popular}
+        out: dict[str, dict] = {"user": {}, "item": {}, "popular": {}}
+        for kind in out:
+            async for key in redis.scan_iter(match=settings.redis_key(kind, "*")):
+                raw = await redis.hgetall(key)
+                fields = {f: v for f, v in raw.items() if not f.startswith(b"_ts:")}
+                if kind == "popular":
+                    top = read(POPULAR, FEATURE_SET_VERSION, raw, now=0).groups["top"]
+                    pop = Popularity.from_snapshot(top.values, top.ts).top(1000, AS_OF)
+                    fields = [(i, float(f"{s:.9g}")) for i, s in pop]
+                out[kind][key] = fields
+        return out
     finally:
         await redis.aclose()
+
+
+def sessions_counted(snapshot: dict) -> int:
+    return sum(int(u.get(b"activity:sessions_7d", 0)) for u in snapshot["user"].values())
+
+
+async def settled(settings) -> dict:
+    """The snapshot once it stops changing (Redis writes are asynchronous)."""
+    last = None
+    for _ in range(60):
+        snap = await features_snapshot(settings)
+        if snap == last:
+            return snap
+        last = snap
+        await asyncio.sleep(0.7)
+    raise AssertionError("features did not settle in 40 s")
 
 
 async def run_until_done(settings, workers, n_sessions: int) -> list[dict]:
@@ -47,10 +77,11 @@ async def run_until_done(settings, workers, n_sessions: int) -> list[dict]:
     workers.start("features")
     sessions = await read_topic(settings.kafka_bootstrap, settings.topic(topics.SESSIONS),
                                 lambda got: len(got) >= n_sessions, timeout_s=90)
-    # features are done when every session is counted
+    # features are done when every session is counted (all of them are within 7 d)
     await eventually(lambda: features_snapshot(settings),
-                     lambda snap: sum(int(u.get(b"sessions", 0)) for u in snap["users"].values())
-                     == n_sessions, timeout_s=60, what="features caught up")
+                     lambda snap: sessions_counted(snap) == n_sessions, timeout_s=60,
+                     what="features caught up")
+    await settled(settings)
     workers.stop()
     workers.procs.clear()
     return sessions
@@ -77,7 +108,7 @@ async def test_processor_rebuild_equals_a_fresh_run_and_dry_run_changes_nothing(
 
     done = replay(settings, "--topic", "clicks", "--target", "processor:sessionize", "--execute")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert await features_snapshot(settings) == {"users": {}, "popular": []}   # reset
+    assert await features_snapshot(settings) == {"user": {}, "item": {}, "popular": {}}   # reset
 
     rebuilt = await run_until_done(settings, workers, len(expected))
     await asyncio.sleep(1)
@@ -89,8 +120,8 @@ async def test_processor_rebuild_equals_a_fresh_run_and_dry_run_changes_nothing(
 
 
 def unprefixed(snapshot: dict, prefix: str) -> dict:
-    return {"users": {key[len(prefix):]: value for key, value in snapshot["users"].items()},
-            "popular": snapshot["popular"]}
+    return {kind: {key[len(prefix):]: value for key, value in hashes.items()}
+            for kind, hashes in snapshot.items()}
 
 
 async def test_a_rebuild_from_a_time_equals_a_fresh_run_over_the_input_from_then(settings, workers,
