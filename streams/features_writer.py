@@ -105,7 +105,8 @@ class RedisWriter:
         try:
             results = await self._execute(batch)
             if any(isinstance(r, NoScriptError) for r in results):
-                self._sha = await self.redis.script_load(WRITE_SCRIPT)   # Redis restarted
+                log.warning("features: Redis lost the write script (restarted?): loading it again")
+                self._sha = await self.redis.script_load(WRITE_SCRIPT)
                 again = [(k, p) for (k, p), r in zip(batch, results) if isinstance(r, NoScriptError)]
                 redone = iter(await self._execute(again))
                 results = [next(redone) if isinstance(r, NoScriptError) else r for r in results]
@@ -130,7 +131,8 @@ class RedisWriter:
                     self.written += 1
         if failed:
             self._requeue(failed)
-            raise RedisError(f"{len(failed)} writes failed, e.g. {results[0]!r}")
+            sample = next(r for r in results if isinstance(r, Exception))
+            raise RedisError(f"{len(failed)} of {len(batch)} writes failed, e.g. {sample!r}")
 
     async def _execute(self, batch: list[tuple[str, _Pending]]) -> list:
         pipe = self.redis.pipeline(transaction=False)
