@@ -64,7 +64,11 @@ def test_numpy_training_is_deterministic_for_a_seed():
     assert np.array_equal(a.users, b.users) and np.array_equal(a.items, b.items)
 
 
-@pytest.mark.skipif(not implicit_available(), reason="the implicit library is not installed")
+def test_implicit_is_installed():
+    """`implicit` is a dependency (pyproject.toml): its absence is a broken install, not a skip."""
+    assert implicit_available()
+
+
 def test_fold_in_matches_implicits_own_solver():
     """Serving's fold-in uses implicit's confidence convention: same answer as its Cholesky
     recalculate_user for a user it never saw."""
