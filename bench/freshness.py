@@ -88,19 +88,22 @@ async def paced_load(url: str, rate: float, seconds: float, batch: int, concurre
 
 # ---- probes --------------------------------------------------------------------------------
 
-def probe_body(visitor: str) -> bytes:
+def probe_body(visitor: str, item: str) -> bytes:
     return orjson.dumps({"batch": [{
         "type": "track", "event": "Product Viewed", "userId": visitor,
         "messageId": uuid.uuid4().hex, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "properties": {"item_id": "probe-item"}}]})
+        "properties": {"item_id": item}}]})
 
 
 async def run_probes(settings, url: str, seconds: float, per_s: float, poll_ms: float,
-                     timeout_s: float = 10.0) -> tuple[list[float], int, int]:
-    """Freshness of each probe in ms; probes accepted; probes not seen within timeout_s."""
+                     timeout_s: float = 10.0) -> tuple[list[float], int, int, list[float]]:
+    """Freshness of each probe in ms (user hash); probes accepted; probes not seen within
+    timeout_s; freshness of the probes' item hashes (they pass through FEATURES_ITEMS)."""
     redis = aioredis.Redis.from_url(settings.redis_url)
-    outstanding: dict[str, float] = {}     # redis key -> perf_counter at the collector's 2xx
+    # redis key -> (perf_counter at the collector's 2xx, field to wait for, list to add to)
+    outstanding: dict[str, tuple[float, str, list]] = {}
     latencies: list[float] = []
+    item_latencies: list[float] = []
     lost = 0
     done = asyncio.Event()
 
@@ -111,14 +114,16 @@ async def run_probes(settings, url: str, seconds: float, per_s: float, poll_ms: 
                 keys = list(outstanding)
                 pipe = redis.pipeline(transaction=False)
                 for k in keys:
-                    pipe.hexists(k, "activity:last_seen")
+                    pipe.hexists(k, outstanding[k][1])
                 found = await pipe.execute()
                 seen_at = time.perf_counter()
                 for k, hit in zip(keys, found):
+                    accepted_at, _, into = outstanding[k]
                     if hit:
-                        latencies.append((seen_at - outstanding.pop(k)) * 1000)
-                    elif seen_at - outstanding[k] > timeout_s:
-                        outstanding.pop(k)
+                        into.append((seen_at - accepted_at) * 1000)
+                        del outstanding[k]
+                    elif seen_at - accepted_at > timeout_s:
+                        del outstanding[k]
                         lost += 1
             await asyncio.sleep(poll_ms / 1000)
 
@@ -128,11 +133,15 @@ async def run_probes(settings, url: str, seconds: float, per_s: float, poll_ms: 
         async with aiohttp.ClientSession(headers=auth_headers()) as http:
             async def probe() -> None:
                 nonlocal accepted
-                visitor = f"probe-{uuid.uuid4().hex[:12]}"
-                async with http.post(url, data=probe_body(visitor)) as resp:
+                tag = uuid.uuid4().hex[:12]
+                async with http.post(url, data=probe_body(f"probe-{tag}", f"probe-item-{tag}")) as resp:
                     await resp.read()
                     if resp.status == 200:
-                        outstanding[settings.redis_key("user", visitor)] = time.perf_counter()
+                        t = time.perf_counter()
+                        outstanding[settings.redis_key("user", f"probe-{tag}")] = \
+                            (t, "activity:last_seen", latencies)
+                        outstanding[settings.redis_key("item", f"probe-item-{tag}")] = \
+                            (t, "engagement:views_1h", item_latencies)
                         accepted += 1
 
             tasks = []
@@ -147,7 +156,7 @@ async def run_probes(settings, url: str, seconds: float, per_s: float, poll_ms: 
         await poller
     finally:
         await redis.aclose()
-    return latencies, accepted, lost
+    return latencies, accepted, lost, item_latencies
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -165,7 +174,7 @@ async def wait_ready(settings, url: str, timeout_s: float = 90) -> None:
     """Until one probe comes through end to end (the worker has joined and opened its state)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        latencies, _, _ = await run_probes(settings, url, seconds=0.5, per_s=2, poll_ms=20,
+        latencies, _, _, _ = await run_probes(settings, url, seconds=0.5, per_s=2, poll_ms=20,
                                            timeout_s=5)
         if latencies:
             return
@@ -205,7 +214,7 @@ def main() -> None:
                                  "--concurrency", str(args.concurrency)],
                                 stdout=subprocess.PIPE, text=True)
         time.sleep(2)       # the load generator builds its events, then runs at rate
-        latencies, probes, lost = asyncio.run(run_probes(settings, url, args.seconds,
+        latencies, probes, lost, items = asyncio.run(run_probes(settings, url, args.seconds,
                                                          args.probes_per_s, args.poll_ms))
         out, _ = load.communicate(timeout=args.seconds + 120)
         result = orjson.loads(out.strip().splitlines()[-1])
@@ -221,6 +230,10 @@ def main() -> None:
     print(f"load: {result}", flush=True)
     print(f"probes: {probes} accepted, {len(latencies)} seen in Redis, {lost} not within 10 s; "
           f"max {max(latencies):.1f} ms", flush=True)
+    if items:
+        print(f"item hashes (through the FEATURES_ITEMS repartition, committed every "
+              f"{settings.features_commit_ms} ms): p50_ms={percentile(items, 0.5):.1f} "
+              f"p99_ms={percentile(items, 0.99):.1f}", flush=True)
     if lost or not latencies:
         raise SystemExit(f"{lost} probes never reached Redis; see {log}")
     print(f"events={events} rate={rate:.0f} p50_ms={percentile(latencies, 0.5):.1f} "

@@ -88,6 +88,10 @@ class Settings:
     # checkpoint_ms); the popularity list keeps this many items per partition.
     features_flush_ms: int = _env("CLICKLOOP_FEATURES_FLUSH_MS", 1, default=100)
     popular_items: int = _env("CLICKLOOP_POPULAR_ITEMS", 10, default=1000)
+    # The features worker commits its user state, input offsets and the item deltas
+    # this often (instead of checkpoint_ms): item features reach Redis only after the
+    # commit that carries their deltas to the items agent (read_committed).
+    features_commit_ms: int = _env("CLICKLOOP_FEATURES_COMMIT_MS", 10, default=250)
     # Recommender (services/recommender): total latency budget and the Redis
     # call's share of it; past either, the answer is popular items.
     budget_ms: int = _env("CLICKLOOP_BUDGET_MS", 1, default=50)

@@ -59,13 +59,15 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     inputs = app.topic(clicks_name, sessions_name, key_serializer="raw", value_serializer="raw")
     item_input = app.topic(items_name, key_serializer="raw", value_serializer="raw")
     changelog = settings.topic(topics.FEATURES_STATE)
+    # Users commit often: the item deltas they send reach the items agent only then.
+    user_interval_s = settings.features_commit_ms / 1000
     interval_s = settings.checkpoint_ms / 1000
     flush_s = settings.features_flush_ms / 1000
     writer = RedisWriter(settings)
     users = TransactionalState(
         settings.kafka_bootstrap, group=app.conf.id, changelog=changelog,
         restore=lambda entries: UserPartition.restore(entries, settings.popular_items),
-        dump=lambda part: part.take_dirty(), interval_s=interval_s)
+        dump=lambda part: part.take_dirty(), interval_s=user_interval_s)
     # Its own transactional ids (the group is part of them) and changelog keys (i:, see
     # features_state): both states share the FEATURES_STATE partitions without colliding.
     items = TransactionalState(
