@@ -202,7 +202,7 @@ class Popularity:
 
     Scores are kept as of `anchor` (decayed weight sums), so adding an event is
     one multiplication whatever its time, old events count for less, and two
-    instances merge by summing after moving to the later anchor. Past
+    instances merge by summing after rescaling the other to this one's anchor. Past
     2 * capacity items the least popular are dropped, which makes very long
     tails approximate (space-saving style) but keeps the state bounded.
     """
@@ -238,10 +238,15 @@ class Popularity:
             raise ValueError("popularity with different half-lives does not merge")
         if other.anchor is None:
             return self
-        target = other.anchor if self.anchor is None else max(self.anchor, other.anchor)
-        if target != self.anchor:
-            self._rebase(target)
-        factor = 2.0 ** ((other.anchor - target) / self.half_life_ms)
+        # Keep this instance's anchor unless the other is too far ahead (as `add` does):
+        # a long-lived instance merging batch after batch then rescales only the
+        # batch, and its unchanged items keep their stored scores (a changelog
+        # writes only the items a batch touched).
+        if self.anchor is None:
+            self.anchor = other.anchor
+        elif other.anchor - self.anchor > REBASE_HALF_LIVES * self.half_life_ms:
+            self._rebase(other.anchor)
+        factor = 2.0 ** ((other.anchor - self.anchor) / self.half_life_ms)
         for item, s in other.scores.items():
             self.scores[item] = self.scores.get(item, 0.0) + s * factor
         if len(self.scores) > 2 * self.capacity:

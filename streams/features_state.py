@@ -48,8 +48,10 @@ NO_WATERMARK = -1
 
 # Changelog keys: users and items share the FEATURES_STATE topic (same partition
 # count), each owner reads only its own prefix.
-USER_PREFIX, ITEM_PREFIX = b"u:", b"i:"
-USER_META, ITEM_META, POPULAR_KEY = b"\x00meta:u", b"\x00meta:i", b"\x00popular"
+# Popularity: one entry per item score (p:<item>) and one for its anchor, so a commit
+# writes only the items its batches touched.
+USER_PREFIX, ITEM_PREFIX, POPULAR_PREFIX = b"u:", b"i:", b"p:"
+USER_META, ITEM_META, POPULAR_META = b"\x00meta:u", b"\x00meta:i", b"\x00popular"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +227,10 @@ class UserPartition(_Partition):
         self.popular_items = popular_items
         self.popularity = Popularity(capacity=popular_items)
         self.pending = FeatureBatch()
-        self._popular_dirty = False
+        self._popular_dirty = False             # since the last Redis snapshot
+        self._popular_changed: set[str] = set()  # items since the last changelog dump
+        self._popular_dumped: set[str] = set()   # items the changelog holds
+        self._popular_anchor: int | None = None  # the anchor the changelog holds
 
     def add_clicks(self, events: list[ClickEvent], topic: str, next_offset: int) -> None:
         """Fold a `clicks` record's events into the pending delta."""
@@ -247,6 +252,7 @@ class UserPartition(_Partition):
         if batch.popularity.anchor is not None:
             self.popularity.merge(batch.popularity)
             self._popular_dirty = True
+            self._popular_changed |= batch.popularity.scores.keys()
         self._finish(watermark, set(batch.users), out)
         return out
 
@@ -260,22 +266,43 @@ class UserPartition(_Partition):
 
     def take_dirty(self) -> list[tuple[bytes, bytes | None]]:
         """Changelog entries changed since the last call, popularity and meta included."""
-        return [*self.entities.take_dirty(USER_PREFIX),
-                (POPULAR_KEY, orjson.dumps(self.popularity.to_state())),
+        return [*self.entities.take_dirty(USER_PREFIX), *self._popular_entries(),
                 (USER_META, orjson.dumps(self.meta()))]
+
+    def _popular_entries(self) -> list[tuple[bytes, bytes | None]]:
+        pop = self.popularity
+        if pop.anchor != self._popular_anchor:          # rescaled: every score changed
+            changed = set(pop.scores)
+        elif self._popular_changed:
+            changed = self._popular_changed & pop.scores.keys()
+        else:
+            return []
+        self._popular_changed = set()
+        out: list[tuple[bytes, bytes | None]] = [
+            (POPULAR_PREFIX + i.encode(), orjson.dumps(pop.scores[i])) for i in changed]
+        out += [(POPULAR_PREFIX + i.encode(), None) for i in self._popular_dumped - pop.scores.keys()]
+        self._popular_dumped = set(pop.scores)
+        if pop.anchor != self._popular_anchor:
+            self._popular_anchor = pop.anchor
+            out.append((POPULAR_META, orjson.dumps({"h": pop.half_life_ms, "a": pop.anchor})))
+        return out
 
     @classmethod
     def restore(cls, entries: Mapping[bytes, bytes], popular_items: int = 1000) -> "UserPartition":
         """The partition as its changelog left it (its keys only; others are ignored)."""
         meta = orjson.loads(entries[USER_META]) if USER_META in entries else {}
         part = cls(popular_items, meta.get("w", NO_WATERMARK), meta.get("o", {}))
-        if POPULAR_KEY in entries:
-            part.popularity = Popularity.from_state(orjson.loads(entries[POPULAR_KEY]))
-            part.popularity.capacity = popular_items
+        if POPULAR_META in entries:
+            pop = orjson.loads(entries[POPULAR_META])
+            part.popularity = Popularity(pop["h"], popular_items, pop["a"])
+            part._popular_anchor = pop["a"]
         n = len(USER_PREFIX)
         for key, value in entries.items():
             if key.startswith(USER_PREFIX):
                 part.entities.load(key[n:].decode(), value, part.watermark)
+            elif key.startswith(POPULAR_PREFIX):
+                part.popularity.scores[key[n:].decode()] = orjson.loads(value)
+        part._popular_dumped = set(part.popularity.scores)
         return part
 
 

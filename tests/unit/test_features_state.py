@@ -216,3 +216,32 @@ def test_item_windows_expire_on_the_senders_watermark_alone():
     part.add_record(encode_item_deltas(T0, {}), ITEMS, 3)       # an older sender: no going back
     assert part.flush().watermark == T0 + HOUR + MINUTE
     assert part.offsets == {ITEMS: 3}
+
+
+def test_the_changelog_holds_only_the_popular_items_a_commit_touched():
+    part = UserPartition(popular_items=10)
+    part.add_clicks([ev("u", T0, item="a"), ev("u", T0 + 1, item="b")], CLICKS, 1)
+    part.flush()
+    first = {k for k, _ in part.take_dirty() if k.startswith(b"p:") or k == b"\x00popular"}
+    assert first == {b"p:a", b"p:b", b"\x00popular"}, "first dump: every item and the anchor"
+    part.add_clicks([ev("v", T0 + 2 * HOUR, item="b")], CLICKS, 2)
+    part.flush()
+    second = {k for k, _ in part.take_dirty() if k.startswith(b"p:") or k == b"\x00popular"}
+    assert second == {b"p:b"}, "then only the items touched, on the same anchor"
+    assert [k for k, _ in part.take_dirty() if k.startswith(b"p:")] == [], "nothing touched"
+
+
+def test_trimmed_popular_items_leave_the_changelog_and_a_restore_equals_the_original():
+    part, changelog = UserPartition(popular_items=3), {}
+    for n in range(12):
+        part.add_clicks([ev("u", T0 + n, item=f"i{n}")] * (n + 1), CLICKS, n + 1)
+        part.flush()
+        for k, v in part.take_dirty():
+            if v is None:
+                changelog.pop(k, None)
+            else:
+                changelog[k] = v
+    held = {k[2:].decode() for k in changelog if k.startswith(b"p:")}
+    assert held == set(part.popularity.scores) and len(held) <= 6, "trimmed ones are tombstoned"
+    back = UserPartition.restore(changelog, popular_items=3)
+    assert back.popularity.top(3, T0 + 12) == part.popularity.top(3, T0 + 12)
