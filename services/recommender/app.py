@@ -12,6 +12,7 @@ threads per request fought the event loop for 2 cores (DESIGN.md, serving).
 """
 from __future__ import annotations
 
+import gc
 import time
 import uuid
 
@@ -27,6 +28,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 RECOMMENDER = web.AppKey("recommender", Recommender)
 MAX_REQUEST_ID = 100
+GC_THRESHOLD = 20_000   # allocations between young collections (CPython's default: 700)
 _JSON = "application/json"
 
 
@@ -92,6 +94,21 @@ def one_blas_thread() -> None:
     threadpool_limits(1, user_api="openmp")
 
 
+def gc_watch(metrics: Metrics):
+    """Record the collector's pauses (a full collection over a big heap stalls every request)."""
+    started = [0.0]
+    children = {g: metrics.gc_pause.labels(str(g)) for g in range(3)}
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            children[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(watch)
+    return watch
+
+
 def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
     try:
         breaker_config(settings)
@@ -105,7 +122,15 @@ def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
 
     async def lifecycle(app: web.Application):
         await app[RECOMMENDER].start(model_wait_s)
+        # What start-up built (libraries, the model) lives as long as the process: out of
+        # the collector's sight, so a full collection does not walk it (53 ms pauses seen
+        # at 1,000 req/s before this); and fewer, cheaper young collections.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, 20, 100)
+        watch = gc_watch(app[METRICS])
         yield
+        gc.callbacks.remove(watch)
         await app[RECOMMENDER].stop()
 
     app.cleanup_ctx.append(lifecycle)

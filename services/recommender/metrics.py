@@ -63,6 +63,9 @@ class Metrics:
                                  ["topic"], registry=r)
         self.log_buffered = Gauge(f"{ns}_log_buffered", "Records waiting for the producer",
                                   ["topic"], registry=r)
+        self.gc_pause = Histogram(f"{ns}_gc_pause_seconds", "Python garbage collector pauses",
+                                  ["generation"], buckets=(.0005, .001, .002, .005, .01, .02, .05, .1),
+                                  registry=r)
         self.shadow_skipped = Counter(f"{ns}_shadow_skipped", "Sampled requests not shadow-scored "
                                       "(no shadow model or no features)", registry=r)
 

@@ -24,6 +24,7 @@ from streams.feature_store import FEATURE_SET_VERSION, POPULAR, read
 from streams.feature_windows import Popularity
 
 log = logging.getLogger("clickloop.recommender.popular")
+REMERGE_MS = 60_000
 
 
 def merge_snapshots(hashes: Sequence[Mapping], now_ms: int, n: int) -> tuple[list[tuple[str, float]], int]:
@@ -58,6 +59,8 @@ class PopularList:
         self.fresh_partitions = 0
         self.refreshed_mono_ms: int | None = None
         self.failures = 0
+        self._stamps: tuple = ()
+        self._merged_mono_ms = 0
         self._task: asyncio.Task | None = None
 
     async def refresh(self) -> None:
@@ -68,9 +71,17 @@ class PopularList:
         timeout = max(self.settings.popular_refresh_ms / 2000, self.settings.redis_budget_ms / 1000)
         async with asyncio.timeout(timeout):
             hashes = await pipe.execute()
-        items, fresh = merge_snapshots(hashes, int(time.time() * 1000), self.settings.popular_items)
-        self.items, self.fresh_partitions = items, fresh
-        self.refreshed_mono_ms = time.monotonic_ns() // 1_000_000
+        # Merging costs milliseconds on the event loop: skip it while no partition's
+        # snapshot changed (decay scales every score alike, so the order holds), unless
+        # the list is old enough for a partition to have turned stale meanwhile.
+        stamps = tuple(h.get(b"_ts:top") for h in hashes)
+        now_mono = time.monotonic_ns() // 1_000_000
+        if stamps != self._stamps or now_mono - self._merged_mono_ms >= REMERGE_MS:
+            items, fresh = merge_snapshots(hashes, int(time.time() * 1000),
+                                           self.settings.popular_items)
+            self.items, self.fresh_partitions = items, fresh
+            self._stamps, self._merged_mono_ms = stamps, now_mono
+        self.refreshed_mono_ms = now_mono
 
     def age_ms(self) -> int | None:
         if self.refreshed_mono_ms is None:

@@ -8,16 +8,17 @@ than the group's max age) gives no recent items, so the visitor is not folded
 in from it and nothing is filtered as seen from it; its status says `stale`
 (the response and /metrics show it). An unreadable top-k value is ignored.
 
-A profile is what the hot-key cache keeps, so the fold-in vector of an unknown
-user is memoized on it per model version (`vectors`): a visitor reloading a
-page pays for one solve per cache period, not one per request.
+A profile is what the hot-key cache keeps, so its rankings are memoized on it
+(`rankings`, keyed by model version, k and exclude_seen): the same features and
+the same model give the same ranking, so a hot visitor (a page reloaded, a
+crawler) pays for one inference per cache period, not one per request, and a
+model swap changes the key.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import orjson
 
 from streams.feature_store import FEATURE_SET_VERSION, USER, read
@@ -37,11 +38,12 @@ class TopK:
 class Profile:
     """A visitor's fresh features: recent interactions, seen items, group statuses, top-k."""
 
-    recent: list[list]                   # [item, action, ts], most recent first; fresh only
+    recent: tuple[tuple, ...]            # (item, action, ts), most recent first; fresh only
     seen: frozenset[str]
     status: dict[str, str]               # group -> fresh | stale | missing
     topk: TopK | None
-    vectors: dict[str, np.ndarray | None] = field(default_factory=dict)  # model version -> vector
+    rankings: dict[tuple, tuple] = field(default_factory=dict)  # (version, sha, k, exclude_seen) ->
+                                                                 # (Ranking, source)
 
 
 EMPTY_STATUS = {g.name: "missing" for g in USER.groups}
@@ -64,11 +66,13 @@ def profile_of(user_hash: Mapping[bytes | str, bytes | str], topk_raw: bytes | s
     """A profile from the pipeline's answers as of now (epoch ms, wall clock)."""
     topk = parse_topk(topk_raw)
     if not user_hash:
-        return Profile([], frozenset(), dict(EMPTY_STATUS), topk)
+        return Profile((), frozenset(), dict(EMPTY_STATUS), topk)
     entity = read(USER, FEATURE_SET_VERSION, user_hash, now_ms)
     recent_group = entity.fresh("recent")
-    recent = []
+    recent: tuple = ()
     if recent_group is not None and isinstance(recent_group.get("items"), list):
-        recent = [r for r in recent_group["items"] if isinstance(r, list) and len(r) == 3]
+        # Tuples of strings and ints: the garbage collector stops tracking them, so a
+        # full cache does not lengthen its pauses.
+        recent = tuple(tuple(r) for r in recent_group["items"] if isinstance(r, list) and len(r) == 3)
     status = {name: g.status for name, g in entity.groups.items()}
     return Profile(recent, frozenset(str(r[0]) for r in recent), status, topk)

@@ -2,7 +2,8 @@
 
 Model scores are the dot products of a user vector with every item vector
 (`Catalogue.factors`, one matrix-vector product), top-k by `np.argpartition`
-(linear) and a sort of only k candidates. Ties break by catalogue position,
+(linear) and a sort of only k candidates; on large arrays a threshold from a strided
+sample replaces the argpartition (exact, see `top_k`). Ties break by catalogue position,
 lower first, also at the k-th place, so the same input always gives the same
 list. Seen and excluded items are never returned.
 
@@ -28,6 +29,7 @@ import numpy as np
 
 Path = Literal["model", "fallback", "cold_start"]
 DEFAULT_SHRINK = 2.0
+SAMPLE_STEP, SAMPLE_MIN = 16, 4   # top_k's sampled threshold, for arrays >= 64 k
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +90,14 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tupl
     k = min(k, s.size)
     if k <= 0:
         return np.empty(0, np.int64), np.empty(0, s.dtype)
-    if k < s.size:
+    if k < s.size and s.size >= SAMPLE_STEP * SAMPLE_MIN * k:
+        # The k-th best of every SAMPLE_STEP-th score is a threshold at most the k-th best
+        # of all (k sampled scores reach it), so every top-k score is >= it: exact, and a
+        # few hundred candidates to sort instead of an argpartition of all (~5x faster).
+        sample = s[::SAMPLE_STEP]
+        threshold = np.partition(sample, sample.size - k)[sample.size - k]
+        cand = np.flatnonzero(s >= threshold)
+    elif k < s.size:
         part = np.argpartition(s, s.size - k)[s.size - k:]
         kth = s[part].min()
         # argpartition picks any of equal scores at the k-th place; take the lowest positions.
@@ -97,7 +106,7 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tupl
         cand = np.concatenate([above, ties])
     else:
         cand = np.arange(s.size)
-    cand = cand[np.lexsort((cand, -s[cand]))]
+    cand = cand[np.lexsort((cand, -s[cand]))][:k]
     cand = cand[s[cand] > -np.inf]
     return cand, s[cand]
 
@@ -129,8 +138,15 @@ def rank(catalogue: Catalogue, user_vector: np.ndarray | None, k: int,
 
 def fallback(popular: Sequence[tuple[str, float]], k: int, exclude: Collection[str] = ()) -> Ranking:
     """The first k of a ranked popular list (best first) that are not excluded."""
-    out = [(item, score) for item, score in popular if item not in exclude][:k]
-    return Ranking([i for i, _ in out], [float(s) for _, s in out], "fallback")
+    items: list[str] = []
+    scores: list[float] = []
+    for item, score in popular:  # stops at k: the list may hold thousands
+        if len(items) >= k:
+            break
+        if item not in exclude:
+            items.append(item)
+            scores.append(float(score))
+    return Ranking(items, scores, "fallback")
 
 
 def benchmark(n_items: int = 10_000, factors: int = 64, k: int = 10, rounds: int = 2_000,

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from services.recommender import records
 from services.recommender.breaker import BreakerConfig, CircuitBreaker
 from services.recommender.cache import TTLCache
+from services.recommender.feature_client import FeatureClient, RespError
 from services.recommender.metrics import Metrics
 from services.recommender.models import ModelWatcher, ServedModel
 from services.recommender.popular import PopularList
@@ -40,7 +40,7 @@ from services.settings import Settings
 from streams import topics
 
 log = logging.getLogger("clickloop.recommender")
-_MISSING = object()
+MEMO_PER_PROFILE = 8   # rankings memoized on a cached profile (model version, k, exclude_seen)
 
 
 def _mono_ms() -> int:
@@ -74,11 +74,16 @@ def score(model: ServedModel, query: Query, profile: Profile) -> tuple[Ranking, 
         kept = [(i, s) for i, s in topk.items if i not in seen][:query.k]
         if len(kept) >= query.k:
             return Ranking([i for i, _ in kept], [s for _, s in kept], "model"), "precomputed"
-    vector = profile.vectors.get(model.version, _MISSING)
-    if vector is _MISSING:
-        vector = profile.vectors[model.version] = model.vector(query.visitor, profile.recent)
+    memo = (model.version, model.content_sha256, query.k, query.exclude_seen)
+    done = profile.rankings.get(memo)
+    if done is not None:
+        return done
+    vector = model.vector(query.visitor, profile.recent)
     ranking = rank(model.catalogue, vector, query.k, seen, n_interactions=len(profile.recent))
-    return ranking, "online" if vector is not None else "prior"
+    out = ranking, "online" if vector is not None else "prior"
+    if len(profile.rankings) < MEMO_PER_PROFILE:
+        profile.rankings[memo] = out
+    return out
 
 
 class Recommender:
@@ -96,6 +101,7 @@ class Recommender:
         self.budget_ms = settings.budget_ms
         self.model_budget_ms = max(settings.budget_ms - settings.redis_budget_ms, 1)
         self.redis: aioredis.Redis | None = None
+        self.features: FeatureClient | None = None
         self.popular: PopularList | None = None
         self.watcher = ModelWatcher(settings, (settings.model_name, settings.shadow_model),
                                     self._model_event)
@@ -113,13 +119,14 @@ class Recommender:
         from redis.backoff import NoBackoff
 
         s = self.settings
-        # A bounded pool that waits (within the budget) for a free connection
-        # instead of raising "Too many connections" under a burst, and no
-        # retries: the budget and the breaker decide, not a retry loop.
+        # The request path: `redis_pool` multiplexed connections (feature_client.py).
+        self.features = FeatureClient(s.redis_url, s.redis_pool)
+        # The popular list's background refresh: redis-py, a small pool that waits
+        # for a free connection instead of raising, and no retries (the next
+        # refresh is the retry).
         pool = aioredis.BlockingConnectionPool.from_url(
-            s.redis_url, max_connections=s.redis_pool, timeout=max(s.budget_ms / 1000, 0.05),
-            retry=Retry(NoBackoff(), 0), socket_connect_timeout=max(s.budget_ms / 1000, 0.05),
-            health_check_interval=0)
+            s.redis_url, max_connections=2, timeout=1.0, retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=1.0)
         self.redis = aioredis.Redis(connection_pool=pool)
         self.popular = PopularList(s, self.redis)
         try:
@@ -141,6 +148,8 @@ class Recommender:
             await self.shadow_log.stop()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.features is not None:
+            await self.features.close()
 
     # -- a request ------------------------------------------------------------
     async def _fetch(self, visitor: str, start_ms: int) -> tuple[Profile | None, str | None]:
@@ -153,16 +162,14 @@ class Recommender:
         breaker = self.redis_breaker
         if not breaker.allow(start_ms):
             return None, "redis_open"
-        pipe = self.redis.pipeline(transaction=False)  # type: ignore[union-attr]
-        pipe.hgetall(self.user_prefix + visitor)
-        pipe.get(self.topk_prefix + visitor)
         try:
             async with asyncio.timeout(self.redis_budget_s):
-                user_hash, topk_raw = await pipe.execute()
+                user_hash, topk_raw = await self.features.read(  # type: ignore[union-attr]
+                    self.user_prefix + visitor, self.topk_prefix + visitor)
         except TimeoutError:
             breaker.record(False, _mono_ms())
             return None, "redis_timeout"
-        except (RedisError, OSError) as exc:
+        except (OSError, RespError) as exc:  # ConnectionError is an OSError
             breaker.record(False, _mono_ms())
             log.debug("redis read failed: %r", exc)
             return None, "redis_error"

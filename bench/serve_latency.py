@@ -1,0 +1,315 @@
+"""Recommender latency and throughput: features in Redis, a 10,000-item × 64-factor model.
+
+    .venv/bin/python bench/serve_latency.py [--seconds 30] [--rate 1000] [--max-seconds 10]
+    .venv/bin/python bench/serve_latency.py --pause-redis [--seconds 30] [--pause-s 4]
+    .venv/bin/python bench/serve_latency.py --profile out.json   # py-spy during the rate run
+
+Set-up: a private redis-server (so it can be SIGSTOPped without touching the
+shared one), features for `--users` known users and as many anonymous visitors
+(recent items, written with the features worker's Lua script), popular
+snapshots for every partition, a random 10,000 × 64 model artifact announced
+on `models`; the real recommender runs as `clickloop serve recommender` in its
+own process, and the load comes from a third process (bench/_serve_load.py,
+its own event loop). 5 % of requests are for visitors without features.
+
+(1) `--rate` requests/s (open loop, latency from each request's due time) for
+    `--seconds`: last line `rps=… p50_ms=… p99_ms=… errors=…` (target p99 <=
+    5 ms, 0 errors);
+(2) maximum throughput (closed loop, `--connections`) of the recommender and of
+    an aiohttp hello-world in the same run: `max_rps=… hello_rps=… ratio=…`
+    (target >= 0.6);
+(3) `--pause-redis`: the rate run with the private Redis SIGSTOPped for
+    `--pause-s` seconds a fifth of the way in: p99 <= 30 ms, 0 errors,
+    fallback served, the breaker opens and later closes.
+Errors are 5xx answers and failed connections; a fallback is a 200.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import bench_settings  # noqa: E402
+from services.recommender.synthetic import (PrivateRedis, announce, item_id, random_model,  # noqa: E402
+                                            user_id, write_popular, write_users)
+
+HERE = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(port: int, path: str, timeout: float = 2.0) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+        return orjson.loads(resp.read())
+
+
+def hello_server(port: int) -> None:
+    """The baseline: aiohttp's smallest JSON answer, same server settings."""
+    from aiohttp import web
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"hello":"world"}', content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+async def seed(settings, redis_url: str, root: Path, users: int, seed: int = 3) -> list[str]:
+    import redis.asyncio as aioredis
+
+    rng = np.random.default_rng(seed)
+    art = random_model(root, settings.model_name, "bench-v1", n_items=10_000, factors=64,
+                       n_users=users, seed=seed)
+    now = int(time.time() * 1000)
+    profiles = {}
+    for u in range(users):
+        for visitor in (user_id(u), f"anon-{u:05d}"):
+            items = rng.choice(10_000, int(rng.integers(3, 20)), replace=False)
+            profiles[visitor] = [(item_id(int(j)), "click" if rng.random() < 0.2 else "view",
+                                  now - int(rng.integers(0, 86_400_000))) for j in items]
+    redis = aioredis.from_url(redis_url)
+    await write_users(redis, settings, profiles, now)
+    for p in range(settings.partitions):
+        top = sorted(((item_id(int(j)), float(rng.random() * 100)) for j in
+                      rng.choice(10_000, 1000, replace=False)), key=lambda t: -t[1])
+        await write_popular(redis, settings, p, top, now)
+    await redis.aclose()
+    await announce(settings, art)
+    cold = [f"cold-{i:05d}" for i in range(max(1, len(profiles) // 19))]  # 5 % without features
+    return list(profiles) + cold
+
+
+def start_service(args: list[str], env: dict, log: Path, port: int, ready) -> subprocess.Popen:
+    proc = subprocess.Popen(args, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if ready(port):
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"{args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit(f"{args} not ready in 90 s:\n{log.read_text()[-3000:]}")
+
+
+def load(port: int, visitors: Path, *mode: str, seconds: float, connections: int,
+         path: str = "/v1/recommendations") -> dict:
+    out = subprocess.run([PYTHON, str(HERE / "_serve_load.py"), "--port", str(port),
+                          "--visitors", str(visitors), "--path", path, "--seconds", str(seconds),
+                          "--connections", str(connections), *mode],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    return orjson.loads(out.strip().splitlines()[-1])
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summary(name: str, r: dict) -> str:
+    return (f"{name}: {r['requests']} requests in {r['seconds']:.1f} s = {r['rps']:.0f}/s, "
+            f"p50 {r['p50_ms']:.2f} ms, p90 {r['p90_ms']:.2f}, p99 {r['p99_ms']:.2f}, "
+            f"p99.9 {r['p999_ms']:.2f}, max {r['max_ms']:.1f}; errors {r['errors']}; "
+            f"statuses {r['statuses']}; paths {r['paths']}")
+
+
+class HealthWatch(threading.Thread):
+    """Polls /health every 100 ms: when the Redis breaker was first seen open and closed again."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.t0 = time.monotonic()
+        self.states: list[tuple[float, str]] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                state = http_json(self.port, "/health", 1.0)["breakers"]["redis"]["state"]
+            except (OSError, ValueError, KeyError):
+                state = "unknown"
+            if not self.states or self.states[-1][1] != state:
+                self.states.append((time.monotonic() - self.t0, state))
+            time.sleep(0.1)
+
+    def opened_at(self) -> float | None:
+        return next((t for t, s in self.states if s == "open"), None)
+
+    def closed_after(self, t: float | None) -> float | None:
+        if t is None:
+            return None
+        return next((c for c, s in self.states if c > t and s == "closed"), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30, help="length of the rate run")
+    parser.add_argument("--rate", type=float, default=1000, help="requests/s of the rate run")
+    parser.add_argument("--max-seconds", type=float, default=10, help="length of each max run")
+    parser.add_argument("--connections", type=int, default=32, help="connections of the max runs")
+    parser.add_argument("--users", type=int, default=5000,
+                        help="known users (as many anonymous visitors are folded in)")
+    parser.add_argument("--pause-redis", action="store_true",
+                        help="SIGSTOP the private Redis mid-run (instead of the max runs)")
+    parser.add_argument("--pause-s", type=float, default=8.0,
+                        help="long enough for the breaker's 10 s window to reach 50 %% errors")
+    parser.add_argument("--skip-max", action="store_true", help="only the rate run")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the recommender with py-spy during the rate run (speedscope)")
+    parser.add_argument("--hello-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hello_server:
+        return hello_server(args.hello_server)
+
+    settings = bench_settings()
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    redis = PrivateRedis(work / "redis")
+    procs: list[subprocess.Popen] = []
+    try:
+        redis.start()
+        t = time.perf_counter()
+        visitors = asyncio.run(seed(settings, redis.url, work / "models", args.users))
+        vfile = work / "visitors.txt"
+        vfile.write_text("\n".join(visitors))
+        print(f"seeded {len(visitors)} visitors, 10,000 × 64 model in {time.perf_counter() - t:.1f} s",
+              flush=True)
+        port = free_port()
+        env = {**os.environ, **settings.as_env(), "CLICKLOOP_REDIS_URL": redis.url,
+               "CLICKLOOP_RECOMMENDER_PORT": str(port), "CLICKLOOP_MODEL_DIR": str(work / "models"),
+               "CLICKLOOP_LOG_LEVEL": "warning"}
+        rec = start_service([PYTHON, "-m", "services.cli", "serve", "recommender"], env,
+                            work / "recommender.log", port,
+                            lambda p: (http_json(p, "/health")["models"]["served"] or {}).get("version"))
+        procs.append(rec)
+        print(f"recommender pid {rec.pid} on port {port}: {http_json(port, '/health')['models']}",
+              flush=True)
+        warm = load(port, vfile, "--rate", "500", seconds=3, connections=32)
+        print(summary("warm-up", warm), flush=True)
+
+        if args.pause_redis:
+            return pause_run(args, port, vfile, redis)
+
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen([str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(rec.pid), "--rate", "500",
+                                    "--nonblocking", "--format", "speedscope", "-o", args.profile, "--duration",
+                                    str(int(args.seconds))],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cpu0 = cpu_s(rec.pid)
+        steady = load(port, vfile, "--rate", str(args.rate), seconds=args.seconds, connections=64)
+        cpu = cpu_s(rec.pid) - cpu0
+        if spy is not None:
+            spy.wait(timeout=120)
+        print(summary(f"rate {args.rate:.0f}/s", steady), flush=True)
+        print(f"recommender CPU: {cpu:.2f} s for {steady['requests']} requests = "
+              f"{cpu / steady['requests'] * 1e6:.0f} µs per request", flush=True)
+        health = http_json(port, "/health")
+        print(f"recommender: cache {health['cache']}, exposures {health['exposures']}", flush=True)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            gc_lines = [line for line in resp.read().decode().splitlines()
+                        if line.startswith(("clickloop_recommender_gc_pause_seconds_",
+                                            "clickloop_recommender_latency_seconds_"))
+                        and ("_count" in line or "_sum" in line)]
+        print("metrics: " + "; ".join(gc_lines), flush=True)
+
+        if not args.skip_max:
+            cpu0 = cpu_s(rec.pid)
+            best = load(port, vfile, "--max", seconds=args.max_seconds, connections=args.connections)
+            cpu = cpu_s(rec.pid) - cpu0
+            print(summary("recommender max", best), flush=True)
+            print(f"recommender CPU: {cpu:.2f} s in {best['seconds']:.1f} s, "
+                  f"{cpu / best['requests'] * 1e6:.0f} µs per request", flush=True)
+            health = http_json(port, "/health")
+            print(f"recommender: cache {health['cache']}", flush=True)
+            rec.terminate()
+            rec.wait(timeout=30)
+            hport = free_port()
+            hello = start_service([PYTHON, str(Path(__file__).resolve()), "--hello-server", str(hport)],
+                                  dict(os.environ), work / "hello.log", hport,
+                                  lambda p: urllib.request.urlopen(
+                                      f"http://127.0.0.1:{p}/hello", timeout=1).status == 200)
+            procs.append(hello)
+            cpu0 = cpu_s(hello.pid)
+            base = load(hport, vfile, "--max", seconds=args.max_seconds,
+                        connections=args.connections, path="/hello")
+            cpu = cpu_s(hello.pid) - cpu0
+            print(summary("aiohttp hello-world max", base), flush=True)
+            print(f"hello-world CPU: {cpu:.2f} s in {base['seconds']:.1f} s, "
+                  f"{cpu / base['requests'] * 1e6:.0f} µs per request", flush=True)
+            print(f"max_rps={best['rps']:.0f} hello_rps={base['rps']:.0f} "
+                  f"ratio={best['rps'] / base['rps']:.2f}", flush=True)
+        print(f"rps={steady['rps']:.0f} p50_ms={steady['p50_ms']:.2f} p99_ms={steady['p99_ms']:.2f} "
+              f"errors={steady['errors']}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def pause_run(args, port: int, vfile: Path, redis: PrivateRedis) -> None:
+    watch = HealthWatch(port)
+    watch.start()
+    pause_at = args.seconds / 5
+
+    def pauser() -> None:
+        time.sleep(pause_at)
+        redis.pause()
+        time.sleep(args.pause_s)
+        redis.resume()
+
+    threading.Thread(target=pauser, daemon=True).start()
+    result = load(port, vfile, "--rate", str(args.rate), seconds=args.seconds, connections=64)
+    print(summary(f"rate {args.rate:.0f}/s, Redis paused at {pause_at:.1f} s for {args.pause_s:.1f} s",
+                  result), flush=True)
+    for slot in result["timeline"]:
+        print(f"  t={slot['s']:>3}s requests={slot['requests']} fallback={slot['fallback']} "
+              f"errors={slot['errors']} p99_ms={slot['p99_ms']}")
+    opened = watch.opened_at()
+    closed = watch.closed_after(opened)
+    deadline = time.monotonic() + 15
+    while opened is not None and closed is None and time.monotonic() < deadline:
+        load(port, vfile, "--rate", "100", seconds=1, connections=4)  # a breaker moves on requests
+        closed = watch.closed_after(opened)
+    watch.halt.set()
+    print(f"breaker states (s since start: state): "
+          f"{', '.join(f'{t:.1f}: {s}' for t, s in watch.states)}", flush=True)
+    fallback = sum(n for p, n in result["paths"].items() if p.startswith("fallback"))
+    print(f"rps={result['rps']:.0f} p50_ms={result['p50_ms']:.2f} p99_ms={result['p99_ms']:.2f} "
+          f"errors={result['errors']} fallback={fallback} "
+          f"breaker_opened={'yes' if opened is not None else 'no'} "
+          f"breaker_closed={'yes' if closed is not None else 'no'}")
+
+
+if __name__ == "__main__":
+    main()
