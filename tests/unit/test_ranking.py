@@ -118,3 +118,23 @@ def test_benchmark_reports_figures():
     assert out["n_items"] == 200 and out["rounds"] == 20
     for name in ("top_k", "rank"):
         assert 0 < out[f"{name}_p50_us"] <= out[f"{name}_p99_us"]
+
+
+@pytest.mark.parametrize("n,k,levels,nan_share,n_excluded,why", [
+    (10_000, 10, None, 0.0, 0, "the serving shape: 10,000 scores, top 10"),
+    (10_000, 100, None, 0.0, 50, "the largest k, with a full recent list excluded"),
+    (5_000, 10, 3, 0.0, 0, "three distinct values: thousands tied at the threshold"),
+    (5_000, 20, 40, 0.1, 20, "ties, NaN and exclusions together"),
+    (640, 10, None, 0.0, 0, "exactly 64 k: the smallest array sampled"),
+    (639, 10, None, 0.0, 0, "just under: the argpartition path"),
+    (10_000, 10, 1, 0.0, 9_995, "all but five excluded: fewer than k come back"),
+])
+def test_sampled_threshold_top_k_is_exact(n, k, levels, nan_share, n_excluded, why):
+    rng = np.random.default_rng(n + k)
+    scores = (rng.integers(0, levels, n) if levels else rng.standard_normal(n)).astype(np.float32)
+    scores[rng.random(n) < nan_share] = np.nan
+    exclude = rng.choice(n, n_excluded, replace=False) if n_excluded else None
+    got, got_scores = top_k(scores, k, exclude)
+    want = reference(scores, k, exclude if exclude is not None else ())
+    assert got.tolist() == want, why
+    assert np.array_equal(got_scores, scores[want]), why
