@@ -6,6 +6,7 @@
   clickloop serve SERVICE           one HTTP service (collector, recommender)
   clickloop infra start|stop|status the local Kafka broker and Redis server
   clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
+  clickloop stats ab --control X --treatment Y [--json]   A/B statistics for two arms (X, Y: 0.07:1062 or 74:1062)
 """
 from __future__ import annotations
 
@@ -165,6 +166,54 @@ async def _demo(settings: Settings, events: int | None, rate: float, visitors: i
                 await asyncio.sleep(ahead)
 
 
+def _add_stats_parser(sub) -> None:
+    st = sub.add_parser("stats", help="experiment statistics (no Kafka or Redis needed)")
+    kinds = st.add_subparsers(dest="stats_command", required=True)
+    ab = kinds.add_parser("ab", help="frequentist, Bayesian and bandit results for a control and a treatment",
+                          description="Arms are RATE_OR_CONVERSIONS:USERS: 0.07:1062 is a rate of 7 %% "
+                                      "of 1062 users (74 conversions), 74:1062 a count.")
+    ab.add_argument("--control", required=True, metavar="RATE_OR_CONVERSIONS:USERS", help="arm A")
+    ab.add_argument("--treatment", required=True, metavar="RATE_OR_CONVERSIONS:USERS", help="arm B")
+    ab.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    ab.add_argument("--power", type=float, default=0.8, help="power of the sample size (default 0.8)")
+    ab.add_argument("--mde", help="minimum detectable change for the sample size: absolute (0.01) or "
+                                  "relative (10%%); default: the observed difference")
+    ab.add_argument("--split", default="50:50", help="planned traffic split A:B for the SRM check (default 50:50)")
+    ab.add_argument("--prior", default="1:1", help="Beta prior ALPHA:BETA (default 1:1)")
+    ab.add_argument("--loss-threshold", type=float, default=None,
+                    help="stop when an arm's expected loss is below this share of A's rate (default 0.01)")
+    ab.add_argument("--draws", type=int, default=None, help="Monte Carlo draws (default 200000)")
+    ab.add_argument("--seed", type=int, default=None, help="Monte Carlo seed (default: fresh, printed)")
+    ab.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _stats(args) -> int:
+    import json
+
+    from services.experiments import ExperimentError
+    from services.experiments.bayesian import DEFAULT_LOSS_THRESHOLD, Beta
+    from services.experiments.inputs import parse_arm
+    from services.experiments.report import DEFAULT_DRAWS, ab_report, parse_mde, parse_split, render
+
+    try:
+        try:
+            prior_alpha, prior_beta = (float(x) for x in args.prior.split(":"))
+        except ValueError:
+            raise ExperimentError(f"--prior {args.prior!r}: expected ALPHA:BETA such as 1:1") from None
+        prior = Beta(prior_alpha, prior_beta)
+        report = ab_report(parse_arm(args.control), parse_arm(args.treatment), alpha=args.alpha,
+                           power=args.power, mde=parse_mde(args.mde) if args.mde else None,
+                           split=parse_split(args.split), prior=prior,
+                           draws=DEFAULT_DRAWS if args.draws is None else args.draws, seed=args.seed,
+                           loss_threshold=(DEFAULT_LOSS_THRESHOLD if args.loss_threshold is None
+                                           else args.loss_threshold))
+    except ExperimentError as exc:
+        print(f"clickloop stats ab: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report) if args.json else render(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clickloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--active-days", type=float, default=7.0,
                     help="precompute for users with an interaction in the data's last D days (default 7)")
     tr.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    _add_stats_parser(sub)
     inf = sub.add_parser("infra", help="the local Kafka broker and Redis server")
     inf.add_argument("action", choices=["start", "stop", "status"])
     args = parser.parse_args(argv)
+    if args.command == "stats":  # pure statistics: needs no settings, Kafka or Redis
+        return _stats(args)
 
     try:
         settings = Settings.from_env()
