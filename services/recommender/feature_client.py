@@ -10,9 +10,11 @@ writes both commands in one `write` and parses the two RESP2 replies.
 Connections are multiplexed: Redis answers each connection's commands in
 order, so every connection keeps a FIFO of waiting futures and any number of
 requests can share it (pipelining across requests, as StackExchange.Redis and
-Lettuce do). There is no pool to run dry under a burst — `redis_pool`
-connections are opened lazily and a request takes the one with the fewest
-replies outstanding. A request whose caller gave up (its budget passed) closes
+Lettuce do), and the commands of all requests handled in one turn of the
+event loop leave in one write (ioredis's auto-pipelining): under load, one
+system call and one wake-up of Redis serve many requests. There is no pool to
+run dry under a burst: up to `redis_pool` connections are opened lazily, the
+next one only when the previous ones each have BUSY replies outstanding. A request whose caller gave up (its budget passed) closes
 the connection: it is aborted (its other waiting requests fail at once with
 `ConnectionError`), so a paused Redis does not pile up requests behind a stuck
 connection nor, once resumed, a backlog of late replies to parse on the event
@@ -26,6 +28,7 @@ from collections import deque
 from urllib.parse import unquote, urlparse
 
 MAX_OUTSTANDING = 10_000   # per connection: past it a request fails at once
+BUSY = 64                  # replies outstanding before the next connection is used
 
 
 class RespError(Exception):
@@ -81,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.waiting: deque[tuple[asyncio.Future, int, list]] = deque()  # future, replies, got
         self.buf = bytearray()
         self.closed = False
+        self.pending: list[bytes] = []
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -129,10 +133,20 @@ class _Connection(asyncio.Protocol):
     def send(self, payload: bytes, replies: int) -> asyncio.Future:
         if len(self.waiting) >= MAX_OUTSTANDING:
             raise ConnectionError(f"{MAX_OUTSTANDING} replies outstanding on one connection")
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self.waiting.append((fut, replies, []))
-        self.transport.write(payload)  # type: ignore[union-attr]
+        # Commands of every request handled in this turn of the event loop leave in one
+        # write (one system call, one wake-up of Redis) at the end of the turn.
+        if not self.pending:
+            loop.call_soon(self._flush)
+        self.pending.append(payload)
         return fut
+
+    def _flush(self) -> None:
+        pending, self.pending = self.pending, []
+        if not self.closed and self.transport is not None:
+            self.transport.write(b"".join(pending))
 
 
 class FeatureClient:
@@ -177,20 +191,20 @@ class FeatureClient:
         return conn
 
     async def _connection(self) -> _Connection:
-        best, best_slot, empty = None, -1, -1
+        # Fill connections in order: requests sharing a connection share its writes
+        # (see `_flush`); another one is opened only when this one is busy.
+        empty = -1
         for i, c in enumerate(self.conns):
             if c is None or c.closed:
                 if empty < 0:
                     empty = i
-                continue
-            if best is None or len(c.waiting) < len(best.waiting):
-                best, best_slot = c, i
-        if best is not None and (not best.waiting or empty < 0):
-            return best
-        slot = empty
-        task = self._opening[slot]
+            elif len(c.waiting) < BUSY:
+                return c
+        if empty < 0:  # all busy: the least loaded
+            return min(self.conns, key=lambda c: len(c.waiting))  # type: ignore[arg-type,union-attr]
+        task = self._opening[empty]
         if task is None or task.done():
-            task = self._opening[slot] = asyncio.ensure_future(self._open(slot))
+            task = self._opening[empty] = asyncio.ensure_future(self._open(empty))
         return await asyncio.shield(task)
 
     async def read(self, user_key: str, topk_key: str) -> tuple[dict[bytes, bytes], bytes | None]:
