@@ -25,7 +25,8 @@ CASES = [
     (Beta(2.5, 40.5), Beta(4, 39.5), "fractional prior on A: the sum runs over B's alpha"),
     (Beta(3.5, 40), Beta(4.5, 39.5), "integer beta only: the sum runs over A's beta"),
     (Beta(0.5, 10.5), Beta(3.5, 8.5), "no integer parameter (Jeffreys): numerical integration"),
-    (Beta(40_001, 960_001), Beta(40_301, 959_701), "a million users per arm: log space"),
+    (Beta(40_001, 960_001), Beta(40_301, 959_701), "a million users per arm: 40,001 terms in log space"),
+    (Beta(5_000_001, 95_000_001), Beta(5_003_001, 94_997_001), "10⁸ users per arm: past MAX_SUM_TERMS, quadrature"),
 ]
 
 
