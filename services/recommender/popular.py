@@ -4,7 +4,8 @@ The features worker writes one `popular:<p>` hash per partition p (group
 `top`: the partition's decayed item weights as of the group's timestamp, see
 `streams.feature_windows.Popularity`). `merge_snapshots` (pure) merges the
 fresh ones into one ranking as of now; stale or missing partitions are left
-out, so a stopped worker's old list is not served as today's. `PopularList`
+out, so a stopped worker's old list is not served as today's (unless no
+partition is fresh: then the stale list, flagged, beats an empty answer). `PopularList`
 re-reads the hashes every `popular_refresh_ms` in one pipeline with its own
 timeout, outside the request path and outside the breakers: the fallback must
 not depend on Redis answering now. On failure it keeps the last good list.
@@ -28,24 +29,33 @@ REMERGE_MS = 60_000
 
 
 def merge_snapshots(hashes: Sequence[Mapping], now_ms: int, n: int) -> tuple[list[tuple[str, float]], int]:
-    """The top n of the fresh partition snapshots merged as of now, and how many were fresh."""
-    merged: Popularity | None = None
-    fresh = 0
+    """The top n of the partition snapshots merged as of now, and how many fresh ones it holds.
+
+    Only fresh snapshots are merged while any is fresh. When none is (the features
+    worker stopped an hour ago, or a replay of old events), the stale ones are merged
+    instead: the fallback must answer with something, and /health and /metrics show
+    `fresh_partitions = 0`."""
+    reads = []
     for raw in hashes:
-        if not raw:
-            continue
-        entity = read(POPULAR, FEATURE_SET_VERSION, raw, now_ms)
-        values = entity.fresh("top")
-        if values is None:
+        if raw:
+            entity = read(POPULAR, FEATURE_SET_VERSION, raw, now_ms)
+            group = entity.groups["top"]
+            if group.status != "missing":
+                reads.append(group)
+    fresh = sum(1 for g in reads if g.status == "fresh")
+    merged: Popularity | None = None
+    used = 0
+    for group in reads:
+        if fresh and group.status != "fresh":
             continue
         try:
-            part = Popularity.from_snapshot(values, entity.groups["top"].ts, capacity=max(n, 1))
+            part = Popularity.from_snapshot(group.values, group.ts, capacity=max(n, 1))
             merged = part if merged is None else merged.merge(part)
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("popular snapshot skipped: %s", exc)
             continue
-        fresh += 1
-    return (merged.top(n, now_ms) if merged is not None else []), fresh
+        used += 1
+    return (merged.top(n, now_ms) if merged is not None else []), (used if fresh else 0)
 
 
 class PopularList:

@@ -29,16 +29,17 @@ def test_merge_equals_popularity_merge():
     assert [i for i, _ in items] == ["y", "x", "z"]
 
 
-@pytest.mark.parametrize("ages,n_fresh,why", [
-    ((0, 0), 2, "both fresh"),
-    ((0, 2 * HOUR), 1, "a partition older than the group's max age (1 h) is left out"),
-    ((2 * HOUR, 2 * HOUR), 0, "all stale: an empty list, not yesterday's as today's"),
+@pytest.mark.parametrize("ages,n_fresh,items,why", [
+    ((0, 0), 2, ["y", "x"], "both fresh"),
+    ((0, 2 * HOUR), 1, ["x"], "a partition older than the group's max age (1 h) is left out"),
+    ((2 * HOUR, 3 * HOUR), 0, ["y", "x"],
+     "none fresh: the stale ones, flagged by n_fresh = 0, rather than no answer"),
 ])
-def test_stale_partitions_are_left_out(ages, n_fresh, why):
-    hashes = [snapshot([("x", 1.0)], NOW - ages[0]), snapshot([("y", 2.0)], NOW - ages[1])]
-    items, fresh = merge_snapshots(hashes, NOW, 10)
+def test_stale_partitions_are_left_out_while_any_is_fresh(ages, n_fresh, items, why):
+    hashes = [snapshot([("x", 1.0)], NOW - ages[0]), snapshot([("y", 8.0)], NOW - ages[1])]
+    got, fresh = merge_snapshots(hashes, NOW, 10)
     assert fresh == n_fresh, why
-    assert len(items) == n_fresh, why
+    assert [i for i, _ in got] == items, why
 
 
 def test_missing_partitions_and_top_n():
