@@ -104,6 +104,7 @@ async def run_probes(settings, url: str, seconds: float, per_s: float, poll_ms: 
     outstanding: dict[str, tuple[float, str, list]] = {}
     latencies: list[float] = []
     item_latencies: list[float] = []
+    timeline.clear()
     lost = 0
     done = asyncio.Event()
 
@@ -121,6 +122,8 @@ async def run_probes(settings, url: str, seconds: float, per_s: float, poll_ms: 
                     accepted_at, _, into = outstanding[k]
                     if hit:
                         into.append((seen_at - accepted_at) * 1000)
+                        if into is latencies:
+                            timeline.append((accepted_at, into[-1]))
                         del outstanding[k]
                     elif seen_at - accepted_at > timeout_s:
                         del outstanding[k]
@@ -159,6 +162,9 @@ async def run_probes(settings, url: str, seconds: float, per_s: float, poll_ms: 
     return latencies, accepted, lost, item_latencies
 
 
+timeline: list[tuple[float, float]] = []    # (accepted at, ms) of every user probe
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -188,7 +194,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50, help="events per load request")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--probes-per-s", type=float, default=20)
-    parser.add_argument("--poll-ms", type=float, default=2)
+    parser.add_argument("--poll-ms", type=float, default=5)
     parser.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)  # the load process
     args = parser.parse_args()
     if args.load:
@@ -230,6 +236,10 @@ def main() -> None:
     print(f"load: {result}", flush=True)
     print(f"probes: {probes} accepted, {len(latencies)} seen in Redis, {lost} not within 10 s; "
           f"max {max(latencies):.1f} ms", flush=True)
+    slow = sorted(timeline, key=lambda t: -t[1])[:5]
+    t0 = min(t for t, _ in timeline) if timeline else 0.0
+    print("slowest probes (s into the run, ms): " +
+          ", ".join(f"{t - t0:.1f}s {ms:.0f}" for t, ms in sorted(slow)), flush=True)
     if items:
         print(f"item hashes (through the FEATURES_ITEMS repartition, committed every "
               f"{settings.features_commit_ms} ms): p50_ms={percentile(items, 0.5):.1f} "

@@ -48,6 +48,10 @@ from streams.txstate import TransactionalState
 
 log = logging.getLogger("clickloop.features")
 PROCESSOR = "features"
+# A partition's popularity snapshot (sorting up to 2 x CLICKLOOP_POPULAR_ITEMS scores) is
+# written at most this often: it was 6 % of the worker's time at every flush, and the
+# recommender refreshes its popular list every CLICKLOOP_POPULAR_REFRESH_MS (2 s) anyway.
+POPULAR_EVERY_S = 1.0
 
 
 def build(app: faust.App, settings: Settings, meter: Meter) -> None:
@@ -73,33 +77,38 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     items = TransactionalState(
         settings.kafka_bootstrap, group=f"{app.conf.id}-items", changelog=changelog,
         restore=ItemPartition.restore, dump=lambda part: part.take_dirty(), interval_s=interval_s)
-    last_flush = {"users": 0.0, "items": 0.0}
+    last_flush = {"users": 0.0, "items": 0.0, "popular": 0.0}
 
     async def flush_users(t: float, force: bool = False) -> None:
         """Apply pending deltas, queue Redis writes, send item deltas; then checkpoint.
         Always in this order: a cut must never see records that are still pending."""
         last_flush["users"] = t
+        snapshots = force or t - last_flush["popular"] >= POPULAR_EVERY_S
+        if snapshots:
+            last_flush["popular"] = t
         for p, txn in users.partitions.items():
             part: UserPartition = txn.state
-            if not part.has_work:
-                continue
-            before = part.watermark
-            out = part.flush()
-            for write in out.writes:
-                writer.put(write, part.refused)
-            popular = part.popular(p)
-            if popular is not None:
+            if part.has_work:
+                await flush_partition(txn, part)
+            if snapshots and (popular := part.popular(p)) is not None:
                 writer.put(popular)
-            if out.item_deltas or out.watermark > before:
-                count = await txn.partition_count(items_name)
-                grouped = group_item_deltas(out.item_deltas, count)
-                # Every item partition hears the watermark, so its windows move on.
-                for q in range(count) if out.watermark > before else grouped:
-                    deltas = grouped.get(q, {})
-                    key = next(iter(deltas)).encode() if len(deltas) == 1 else None
-                    txn.append(items_name, q, key, encode_item_deltas(out.watermark, deltas))
         writer.kick()
         users.maybe_checkpoint(t, force=force)
+
+    async def flush_partition(txn, part: UserPartition) -> None:
+        """One partition's flush: its Redis writes, and its item deltas with its watermark."""
+        before = part.watermark
+        out = part.flush()
+        for write in out.writes:
+            writer.put(write, part.refused)
+        if out.item_deltas or out.watermark > before:
+            count = await txn.partition_count(items_name)
+            grouped = group_item_deltas(out.item_deltas, count)
+            # Every item partition hears the watermark, so its windows move on.
+            for q in range(count) if out.watermark > before else grouped:
+                deltas = grouped.get(q, {})
+                key = next(iter(deltas)).encode() if len(deltas) == 1 else None
+                txn.append(items_name, q, key, encode_item_deltas(out.watermark, deltas))
 
     async def flush_items(t: float, force: bool = False) -> None:
         last_flush["items"] = t
@@ -119,7 +128,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     @app.on_partitions_revoked.connect
     async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
         async with users.lock:
-            await flush_users(now())
+            await flush_users(now(), force=True)
             await users.release(tp.partition for tp in revoked if tp.topic == clicks_name)
         async with items.lock:
             await flush_items(now())
@@ -197,7 +206,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     @app.on_before_shutdown.connect
     async def on_shutdown(app, **kwargs) -> None:  # noqa: ARG001
         async with users.lock:
-            await flush_users(now())
+            await flush_users(now(), force=True)
             await users.release(list(users.partitions))
         async with items.lock:
             await flush_items(now())
