@@ -6,7 +6,8 @@
   clickloop serve SERVICE           one HTTP service (collector, recommender)
   clickloop infra start|stop|status the local Kafka broker and Redis server
   clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
-  clickloop stats ab --control X --treatment Y [--json]   A/B statistics for two arms (X, Y: 0.07:1062 or 74:1062)
+  clickloop stats ab --control A --treatment B [--json]
+                                    A/B statistics for two arms, each RATE_OR_CONVERSIONS:USERS
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def _add_stats_parser(sub) -> None:
     st = sub.add_parser("stats", help="experiment statistics (no Kafka or Redis needed)")
     kinds = st.add_subparsers(dest="stats_command", required=True)
     ab = kinds.add_parser("ab", help="frequentist, Bayesian and bandit results for a control and a treatment",
-                          description="Arms are RATE_OR_CONVERSIONS:USERS: 0.07:1062 is a rate of 7 %% "
+                          description="Arms are RATE_OR_CONVERSIONS:USERS: 0.07:1062 is a rate of 7 % "
                                       "of 1062 users (74 conversions), 74:1062 a count.")
     ab.add_argument("--control", required=True, metavar="RATE_OR_CONVERSIONS:USERS", help="arm A")
     ab.add_argument("--treatment", required=True, metavar="RATE_OR_CONVERSIONS:USERS", help="arm B")

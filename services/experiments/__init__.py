@@ -5,8 +5,8 @@ One concept per module: `inputs` (arm counts and their parsing), `frequentist`
 (Beta-Binomial P(B > A), expected loss, credible intervals, stopping rule),
 `bandit` (Thompson, top-two Thompson, epsilon-greedy, P(best), value
 remaining), `allocation` (deterministic FNV-1a buckets, namespaces), `registry`
-(experiment records folded into state, collision rule) and `report` (the two-arm
-summary behind `clickloop stats ab`).
+(experiment records folded into state, collision rule), `report` (the two-arm
+summary behind `clickloop stats ab`) and `seeding` (seeds that are returned).
 
 None of them does I/O, reads the clock or imports faust, aiokafka, redis or
 aiohttp: randomness is a seed or a numpy Generator passed in, and every Monte

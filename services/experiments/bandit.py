@@ -29,7 +29,8 @@ VALUE_REMAINING_THRESHOLD = 0.01
 DEFAULT_DRAWS = 10_000
 
 
-def _posterior(alpha, beta) -> tuple[np.ndarray, np.ndarray]:
+def as_posterior(alpha, beta) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, beta) as float arrays, checked: one entry per arm, positive, finite."""
     a = np.asarray(alpha, dtype=float)
     b = np.asarray(beta, dtype=float)
     if a.ndim != 1 or a.shape != b.shape or a.size < 1:
@@ -42,7 +43,7 @@ def _posterior(alpha, beta) -> tuple[np.ndarray, np.ndarray]:
 
 def thompson(alpha: np.ndarray, beta: np.ndarray, rng: np.random.Generator) -> int:
     """One Thompson-sampling decision: the arm with the largest posterior draw.
-    No validation: this is the per-request path, arrays come from `_posterior`."""
+    No validation: this is the per-request path, validate the arrays once with `as_posterior`."""
     return int(rng.beta(alpha, beta).argmax())
 
 
@@ -86,7 +87,7 @@ class ThompsonSampler:
     __slots__ = ("alpha", "beta", "seed", "block", "_rng", "_arms", "_next", "_drawn")
 
     def __init__(self, alpha, beta, seed: int | None = None, block: int = 256) -> None:
-        self.alpha, self.beta = _posterior(alpha, beta)
+        self.alpha, self.beta = as_posterior(alpha, beta)
         if block < 1:
             raise ExperimentError(f"block must be at least 1, got {block}")
         self.seed, self._rng = seeding.resolve(seed)
@@ -108,7 +109,7 @@ class ThompsonSampler:
     @staticmethod
     def replay(alpha, beta, seed: int, index: int, block: int = 256) -> int:
         """The arm a sampler with this posterior, seed and block chose at decision `index`."""
-        a, b = _posterior(alpha, beta)
+        a, b = as_posterior(alpha, beta)
         rng = np.random.default_rng(seed)
         for _ in range(index // block):
             rng.beta(a, b, size=(block, a.size))
@@ -130,7 +131,7 @@ def assess(alpha, beta, draws: int = DEFAULT_DRAWS, seed: int | None = None,
            threshold: float = VALUE_REMAINING_THRESHOLD) -> BanditState:
     """P(best) per arm, the value remaining and the stop flag, from `draws`
     posterior draws; with one arm there is nothing left to learn."""
-    a, b = _posterior(alpha, beta)
+    a, b = as_posterior(alpha, beta)
     if draws < 1:
         raise ExperimentError(f"draws must be at least 1, got {draws}")
     if not 0.0 < quantile < 1.0 or threshold <= 0:
