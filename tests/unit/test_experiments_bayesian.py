@@ -31,12 +31,18 @@ CASES = [
 
 
 @pytest.mark.parametrize("a,b,why", CASES)
-def test_closed_form_matches_integration_and_monte_carlo(a, b, why):
+def test_closed_form_matches_integration(a, b, why):
     exact = prob_b_beats_a(a, b)
     assert exact == pytest.approx(by_quadrature(a, b), abs=1e-8), why
+    assert prob_b_beats_a(b, a) == pytest.approx(1 - exact, abs=1e-9), "symmetry"
+
+
+@pytest.mark.parametrize("a,b,why", [CASES[0], CASES[2], CASES[5], CASES[7]])
+def test_closed_form_matches_monte_carlo(a, b, why):
+    """4M draws: the Monte Carlo standard error is at most 0.00025, a quarter of the tolerance."""
+    exact = prob_b_beats_a(a, b)
     mc = simulate(a, b, draws=4_000_000, seed=20261126)
     assert abs(exact - mc.prob_b_beats_a) < 1e-3, f"{why}: exact {exact}, Monte Carlo {mc.prob_b_beats_a}"
-    assert prob_b_beats_a(b, a) == pytest.approx(1 - exact, abs=1e-9), "symmetry"
 
 
 @pytest.mark.parametrize("a,b,why", CASES)
