@@ -1,8 +1,9 @@
 """The recommender's Prometheus metrics (`GET /metrics`), one registry per app.
 
 Breaker states, the model versions, the popular list and the Kafka logs are
-read from their owners when /metrics is scraped (`refresh`), so the request
-path pays only for counters and the latency histogram.
+read from their owners when /metrics is scraped (`Recommender.refresh_metrics`;
+running totals become counters through `catch_up`), so the request path pays
+only for counters and the latency histogram.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ STATE_CODES = {"closed": 0, "half_open": 1, "open": 2}
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self._totals: dict[tuple[int, str], int] = {}
         ns = "clickloop_recommender"
         served = Counter(f"{ns}_responses", "Recommendations answered 200, by path", ["path"], registry=r)
         self.served = {p: served.labels(p) for p in PATHS}
@@ -43,10 +45,10 @@ class Metrics:
                          for s in ("fresh", "stale", "missing")}
         self.breaker_state = Gauge(f"{ns}_breaker_state", "Circuit breaker: 0 closed, 1 half-open, "
                                    "2 open", ["dependency"], registry=r)
-        self.breaker_opened = Gauge(f"{ns}_breaker_opened", "Times the breaker opened since start",
-                                    ["dependency"], registry=r)
-        self.breaker_rejected = Gauge(f"{ns}_breaker_rejected", "Calls refused by the open breaker "
-                                      "since start", ["dependency"], registry=r)
+        self.breaker_opened = Counter(f"{ns}_breaker_opened", "Times the breaker opened",
+                                      ["dependency"], registry=r)
+        self.breaker_rejected = Counter(f"{ns}_breaker_rejected", "Calls refused by the open breaker",
+                                        ["dependency"], registry=r)
         self.breaker_error_rate = Gauge(f"{ns}_breaker_error_rate", "Error rate in the rolling window",
                                         ["dependency"], registry=r)
         self.model_info = Gauge(f"{ns}_model_info", "1 for each loaded model version", ["role", "name",
@@ -58,9 +60,9 @@ class Metrics:
                                    registry=r)
         self.popular_age = Gauge(f"{ns}_popular_age_seconds", "Since the popular list was last "
                                  "refreshed (-1: never)", registry=r)
-        self.log_sent = Gauge(f"{ns}_log_sent", "Records acknowledged by Kafka", ["topic"], registry=r)
-        self.log_dropped = Gauge(f"{ns}_log_dropped", "Records dropped (buffer full or refused)",
-                                 ["topic"], registry=r)
+        self.log_sent = Counter(f"{ns}_log_sent", "Records acknowledged by Kafka", ["topic"], registry=r)
+        self.log_dropped = Counter(f"{ns}_log_dropped", "Records dropped (buffer full or refused)",
+                                   ["topic"], registry=r)
         self.log_buffered = Gauge(f"{ns}_log_buffered", "Records waiting for the producer",
                                   ["topic"], registry=r)
         self.gc_pause = Histogram(f"{ns}_gc_pause_seconds", "Python garbage collector pauses",
@@ -68,6 +70,14 @@ class Metrics:
                                   registry=r)
         self.shadow_skipped = Counter(f"{ns}_shadow_skipped", "Sampled requests not shadow-scored "
                                       "(no shadow model or no features)", registry=r)
+
+    def catch_up(self, counter: Counter, label: str, total: int) -> None:
+        """Move a counter up to a total its owner keeps (read at scrape time)."""
+        child = counter.labels(label)
+        delta = total - self._totals.get((id(counter), label), 0)
+        if delta > 0:
+            child.inc(delta)
+            self._totals[(id(counter), label)] = total
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

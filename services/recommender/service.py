@@ -275,8 +275,8 @@ class Recommender:
         for dep, breaker in (("redis", self.redis_breaker), ("model", self.model_breaker)):
             snap = breaker.snapshot(now)
             m.breaker_state.labels(dep).set({"closed": 0, "half_open": 1, "open": 2}[snap.state.value])
-            m.breaker_opened.labels(dep).set(snap.opened_count)
-            m.breaker_rejected.labels(dep).set(snap.rejected)
+            m.catch_up(m.breaker_opened, dep, snap.opened_count)
+            m.catch_up(m.breaker_rejected, dep, snap.rejected)
             m.breaker_error_rate.labels(dep).set(snap.error_rate)
         m.model_info.clear()
         for role, name in (("served", self.settings.model_name), ("shadow", self.settings.shadow_model)):
@@ -287,6 +287,6 @@ class Recommender:
             age = self.popular.age_ms()
             m.popular_age.set(-1 if age is None else age / 1000)
         for tlog in (self.exposures, self.shadow_log):
-            m.log_sent.labels(tlog.topic).set(tlog.sent)
-            m.log_dropped.labels(tlog.topic).set(tlog.dropped)
+            m.catch_up(m.log_sent, tlog.topic, tlog.sent)
+            m.catch_up(m.log_dropped, tlog.topic, tlog.dropped)
             m.log_buffered.labels(tlog.topic).set(len(tlog.buffer))
