@@ -322,3 +322,11 @@ async def test_shadow_rankings_logged_for_the_sampled_fraction(settings):
         assert record["served"]["items"] == [i["item_id"] for i in served[record["request_id"]]["items"]]
         assert len(record["shadow"]["items"]) == 5
     await redis.aclose()
+
+
+def test_blas_runs_one_thread_in_the_service(settings):
+    from threadpoolctl import threadpool_info
+
+    make_app(tuned(settings))
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(i["num_threads"] == 1 for i in blas), blas
