@@ -205,6 +205,9 @@ class FeatureClient:
         task = self._opening[empty]
         if task is None or task.done():
             task = self._opening[empty] = asyncio.ensure_future(self._open(empty))
+            # Its callers may all have timed out: the outcome is still retrieved (no
+            # "exception never retrieved" noise while Redis is down).
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return await asyncio.shield(task)
 
     async def read(self, user_key: str, topk_key: str) -> tuple[dict[bytes, bytes], bytes | None]:
