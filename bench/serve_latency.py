@@ -226,6 +226,10 @@ def main() -> None:
         if spy is not None:
             spy.wait(timeout=120)
         print(summary(f"rate {args.rate:.0f}/s", steady), flush=True)
+        per_second = sorted(slot["p99_ms"] for slot in steady["timeline"])
+        print(f"per-second p99 (ms): best {per_second[0]:.2f}, median "
+              f"{per_second[len(per_second) // 2]:.2f}, worst {per_second[-1]:.2f}; seconds with "
+              f"p99 <= 5 ms: {sum(p <= 5 for p in per_second)}/{len(per_second)}", flush=True)
         print(f"recommender CPU: {cpu:.2f} s for {steady['requests']} requests = "
               f"{cpu / steady['requests'] * 1e6:.0f} µs per request", flush=True)
         health = http_json(port, "/health")
