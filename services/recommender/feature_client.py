@@ -62,7 +62,20 @@ def parse_reply(buf: bytes | bytearray, pos: int):
         if n < 0:
             return None, nxt
         items = []
+        size = len(buf)
         for _ in range(n):
+            if buf[nxt:nxt + 1] == b"$":  # the common case (HGETALL): a bulk string, inline
+                end = buf.find(b"\r\n", nxt)
+                if end < 0:
+                    return None
+                length = int(buf[nxt + 1:end])
+                if length >= 0:
+                    start = end + 2
+                    if size < start + length + 2:
+                        return None
+                    items.append(bytes(buf[start:start + length]))
+                    nxt = start + length + 2
+                    continue
             got = parse_reply(buf, nxt)
             if got is None:
                 return None
