@@ -9,7 +9,8 @@ the core the server needs. `--rate R`: open loop, request i is due at
 t0 + i/R and its latency counts from that due time, so a stalled server shows
 up in the figures instead of slowing the generator down (no coordinated
 omission). `--max`: closed loop, C connections asking back to back. Visitors
-are read from FILE (one per line) and drawn at random (seeded). Prints one
+are read from FILE (one per line) and drawn at random (seeded), uniformly or
+by a Zipf law (`--zipf S`). Prints one
 JSON line: counts, statuses, paths and reasons seen, latency percentiles and
 a per-second timeline.
 """
@@ -95,11 +96,21 @@ class Stats:
                 "max_ms": float(lat.max()), "timeline": timeline}
 
 
-def requests_for(visitors: list[str], path: str, k: int, n: int, seed: int) -> list[bytes]:
+def requests_for(visitors: list[str], path: str, k: int, n: int, seed: int,
+                 zipf: float = 0.0) -> list[bytes]:
+    """n requests for visitors drawn uniformly, or by a Zipf law of exponent `zipf`
+    over a shuffled order (a few hot visitors, a long tail: what the hot-key cache is for)."""
     rng = random.Random(seed)
+    if zipf > 0:
+        order = visitors[:]
+        rng.shuffle(order)
+        weights = 1.0 / np.arange(1, len(order) + 1) ** zipf
+        picks = np.random.default_rng(seed).choice(len(order), n, p=weights / weights.sum())
+        chosen = [order[i] for i in picks]
+    else:
+        chosen = [rng.choice(visitors) for _ in range(n)]
     out = []
-    for _ in range(n):
-        v = rng.choice(visitors)
+    for v in chosen:
         param = "anonymous_id" if v.startswith("anon") else "user_id"
         target = f"{path}?{param}={v}&k={k}" if path.startswith("/v1/") else path
         out.append(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
@@ -178,9 +189,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--zipf", type=float, default=0.0, help="Zipf exponent (0: uniform)")
     args = parser.parse_args()
     visitors = open(args.visitors).read().split()
-    reqs = requests_for(visitors, args.path, args.k, 200_000, args.seed)
+    reqs = requests_for(visitors, args.path, args.k, 200_000, args.seed, args.zipf)
     if args.max:
         result = asyncio.run(closed_loop(args.port, reqs, args.seconds, args.connections))
     else:

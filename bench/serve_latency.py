@@ -115,11 +115,14 @@ def start_service(args: list[str], env: dict, log: Path, port: int, ready) -> su
     raise SystemExit(f"{args} not ready in 90 s:\n{log.read_text()[-3000:]}")
 
 
+ZIPF = ["--zipf", "0"]  # set from --zipf in main()
+
+
 def load(port: int, visitors: Path, *mode: str, seconds: float, connections: int,
          path: str = "/v1/recommendations") -> dict:
     out = subprocess.run([PYTHON, str(HERE / "_serve_load.py"), "--port", str(port),
                           "--visitors", str(visitors), "--path", path, "--seconds", str(seconds),
-                          "--connections", str(connections), *mode],
+                          "--connections", str(connections), *ZIPF, *mode],
                          check=True, stdout=subprocess.PIPE, text=True).stdout
     return orjson.loads(out.strip().splitlines()[-1])
 
@@ -181,8 +184,12 @@ def main() -> None:
     parser.add_argument("--skip-max", action="store_true", help="only the rate run")
     parser.add_argument("--profile", metavar="FILE",
                         help="record the recommender with py-spy during the rate run (speedscope)")
+    parser.add_argument("--zipf", type=float, default=0.0,
+                        help="draw visitors by a Zipf law of this exponent (default 0: uniform); "
+                             "skewed traffic is what the hot-key cache is for")
     parser.add_argument("--hello-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    ZIPF[1] = str(args.zipf)
     if args.hello_server:
         return hello_server(args.hello_server)
 
