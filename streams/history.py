@@ -228,9 +228,10 @@ def step(config: HistoryConfig, state: KeyState, event: ChangeEvent,
             return
         if i == 0 and state.base is not None:
             out.late.append((event, f"position {event.source_position} is older than the oldest "
-                             f"event held for key {state.key_id} ({entries[0].source_position}); "
-                             "history before it is final (raise max_versions, or rebuild with "
-                             "`clickloop replay`)"))
+                             f"event held for key {state.key_id} ({entries[0].source_position}): a "
+                             "re-delivered duplicate or a late event, which cannot be told apart "
+                             "here; history before it is final (raise max_versions, or rebuild "
+                             "with `clickloop replay`)"))
             return
         entries.insert(i, _entry(event, op))
         new = derive(config, state)
@@ -292,15 +293,19 @@ def _emit(state: KeyState, new: dict[tuple[int, ...], HistoryRow], out: Outputs)
 
 
 def _trim(config: HistoryConfig, state: KeyState) -> None:
-    """Let go of the oldest events beyond `max_versions`; the first one held stays a
-    version, so nothing held can be re-cut by what was let go."""
+    """Let go of the oldest events beyond `max_versions`. The first event held stays a
+    version (so nothing held can be re-cut by what was let go), and the current
+    version is never let go (the next event must close it)."""
     entries, emitted = state.entries, state.emitted
     while len(entries) > config.max_versions:
-        dropped = entries.pop(0)
-        version = emitted.pop(dropped.position)
+        after = 1     # reads that repeat the dropped version go with it
+        while after < len(entries) and entries[after].position not in emitted:
+            after += 1
+        if after == len(entries):
+            return
+        version = emitted.pop(entries[0].position)
         state.base = Base(version["row"], version["is_deleted"], version["valid_from"])
-        while entries and entries[0].position not in emitted:
-            entries.pop(0)    # reads that repeat the version before: nothing to keep
+        del entries[:after]
 
 
 class TableHistory:
