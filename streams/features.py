@@ -84,11 +84,17 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     # when no further record comes; under load the agent flushes inline when due.
     pending_since: dict[str, float | None] = {"users": None, "items": None}
 
+    armed: set[asyncio.Task] = set()      # the loop keeps only weak references to tasks
+
     def arm(kind: str, t: float) -> None:
         if pending_since[kind] is None:
             pending_since[kind] = t
-            asyncio.get_running_loop().call_later(
-                flush_s, lambda: asyncio.ensure_future(flush_when_due(kind)))
+            asyncio.get_running_loop().call_later(flush_s, start_flush, kind)
+
+    def start_flush(kind: str) -> None:
+        task = asyncio.ensure_future(flush_when_due(kind))
+        armed.add(task)
+        task.add_done_callback(armed.discard)
 
     async def flush_when_due(kind: str) -> None:
         if kind == "users":
