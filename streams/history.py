@@ -137,60 +137,33 @@ def _entry(event: ChangeEvent, op: str | None = None) -> Entry:
                  event.moved_from, event.moved_to)
 
 
-class _Walk:
-    """Versions derived left to right from the version before (or none)."""
-
-    __slots__ = ("config", "state", "row", "deleted", "valid_from", "last")
-
-    def __init__(self, config: HistoryConfig, state: KeyState,
-                 before: HistoryRow | Base | None) -> None:
-        self.config, self.state, self.last = config, state, None
-        if before is None:
-            self.row, self.deleted, self.valid_from = None, True, None
-        elif isinstance(before, Base):
-            self.row, self.deleted, self.valid_from = before.row, before.is_deleted, before.valid_from
-        else:
-            self.row, self.deleted, self.valid_from = before["row"], before["is_deleted"], \
-                before["valid_from"]
-            self.last = before
-
-    def hidden(self, e: Entry) -> bool:
-        return e.op == "r" and self.valid_from is not None and not self.deleted \
-            and same_row(e.row, self.row)
-
-    def resolve(self, e: Entry) -> dict | None:
-        known = None if self.deleted else self.row
-        if e.op == "t":
-            return known
-        if e.op == "d":
-            if known is None:
-                return e.row
-            return {**known, **{c: v for c, v in (e.row or {}).items()
-                                if v is not None and v != self.config.unavailable_value}}
-        row = e.row
-        if known is not None and self.config.unavailable_value in row.values():
-            row = {c: known.get(c, v) if v == self.config.unavailable_value else v
-                   for c, v in row.items()}
-        return row
-
-    def step(self, e: Entry) -> HistoryRow | None:
-        """The version `e` opens, or None for a read that repeats the version before."""
-        if self.hidden(e):
-            return None
-        row = self.resolve(e)
-        valid_from = e.ts_ms if self.valid_from is None else max(e.ts_ms, self.valid_from)
-        s = self.state
-        version: HistoryRow = {
-            "v": SCHEMA_VERSION, "table": s.table, "key": s.key, "key_id": s.key_id,
-            "position": list(e.position), "source_position": e.source_position,
-            "tx_id": e.tx_id, "op": e.op, "ts_ms": e.ts_ms,
-            "valid_from": valid_from, "valid_to": None, "is_current": True,
-            "is_deleted": e.op in ("d", "t"), "is_retracted": False, "row": row,
-            "moved_from": e.moved_from, "moved_to": e.moved_to, "revision": 0,
-        }
-        self.row, self.deleted, self.valid_from, self.last = row, version["is_deleted"], \
-            valid_from, version
-        return version
+def _open(config: HistoryConfig, state: KeyState, e: Entry, row: dict | None, deleted: bool,
+          valid_from: int | None) -> HistoryRow | None:
+    """The version `e` opens after a version with `row`, `deleted`, `valid_from` (None:
+    no version before), or None for a read that repeats the version before."""
+    op, unavailable = e.op, config.unavailable_value
+    known = None if deleted else row
+    if op == "r" and valid_from is not None and same_row(e.row, known):
+        return None
+    if op == "t":
+        image = known
+    elif op == "d":
+        image = e.row if known is None else \
+            {**known, **{c: v for c, v in (e.row or {}).items() if v is not None and v != unavailable}}
+    else:
+        image = e.row
+        if known is not None and unavailable in image.values():
+            image = {c: known.get(c, v) if v == unavailable else v for c, v in image.items()}
+    ts = e.ts_ms
+    return {
+        "v": SCHEMA_VERSION, "table": state.table, "key": state.key, "key_id": state.key_id,
+        "position": list(e.position), "source_position": e.source_position,
+        "tx_id": e.tx_id, "op": op, "ts_ms": ts,
+        "valid_from": ts if valid_from is None or ts > valid_from else valid_from,
+        "valid_to": None, "is_current": True, "is_deleted": op == "d" or op == "t",
+        "is_retracted": False, "row": image,
+        "moved_from": e.moved_from, "moved_to": e.moved_to, "revision": 0,
+    }
 
 
 def _closed(version: HistoryRow, valid_to: int) -> HistoryRow:
@@ -199,14 +172,17 @@ def _closed(version: HistoryRow, valid_to: int) -> HistoryRow:
 
 def derive(config: HistoryConfig, state: KeyState) -> dict[tuple[int, ...], HistoryRow]:
     """The versions of the held events, by position (revision not yet set)."""
-    walk, out, prev = _Walk(config, state, state.base), {}, None
+    base, out, prev = state.base, {}, None
+    row, deleted, valid_from = (None, True, None) if base is None else \
+        (base.row, base.is_deleted, base.valid_from)
     for e in state.entries:
-        version = walk.step(e)
+        version = _open(config, state, e, row, deleted, valid_from)
         if version is None:
             continue
         if prev is not None:
             out[tuple(prev["position"])] = _closed(prev, version["valid_from"])
         out[e.position] = prev = version
+        row, deleted, valid_from = version["row"], version["is_deleted"], version["valid_from"]
     return out
 
 
@@ -260,8 +236,14 @@ def _append(config: HistoryConfig, state: KeyState, out: Outputs) -> None:
     closes), so this is `derive` + `_emit` without comparing the rest."""
     emitted = state.emitted
     current = next(reversed(emitted.values())) if emitted else None
-    version = _Walk(config, state, current if current is not None else state.base) \
-        .step(state.entries[-1])
+    if current is not None:
+        version = _open(config, state, state.entries[-1], current["row"], current["is_deleted"],
+                        current["valid_from"])
+    elif state.base is not None:
+        base = state.base
+        version = _open(config, state, state.entries[-1], base.row, base.is_deleted, base.valid_from)
+    else:
+        version = _open(config, state, state.entries[-1], None, True, None)
     if version is None:
         return
     if current is not None:
