@@ -291,7 +291,13 @@ def _trim(config: HistoryConfig, state: KeyState) -> None:
 
 
 class TableHistory:
-    """The history state of the keys of one table partition (the worker's logic object)."""
+    """The history state of the keys of one table partition (the worker's logic object).
+
+    One per captured table: key_ids of different tables would collide. A truncate
+    reaches only the keys held here, so the worker applies it to every partition's
+    state. `take_dirty`/`load` carry the state through a changelog; after a load the
+    versions are derived again from it (their `revision` reads 0 until rewritten).
+    """
 
     __slots__ = ("config", "states", "_dirty")
 
