@@ -13,6 +13,7 @@ import time
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench._common import produce
 from schemas.clicks import partition_of, visitor_key
@@ -21,7 +22,7 @@ from streams import topics
 from streams.feature_store import FEATURE_SET_VERSION, ITEM, POPULAR, USER, read
 from streams.feature_windows import (DAY, HOUR, MINUTE, FeatureBatch, Popularity, item_features,
                                      merged, user_features)
-from tests.integration.helpers import read_topic
+from tests.integration.helpers import eventually, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -240,3 +241,37 @@ async def test_replay_rebuilds_the_features_without_double_counting(settings, wo
     assert "gone" not in got["user"], "keys the worker owns are deleted by the reset"
     await asyncio.sleep(1.5)        # a double count would show up now
     await wait_equal(settings, events, sessions, timeout_s=1)
+
+
+async def test_two_workers_share_the_partitions_and_still_equal_the_offline_run(settings, workers):
+    """Scaled out: two `clickloop worker features` processes split the visitor and item
+    partitions between them (items come from every visitor partition, whoever owns it)."""
+    settings = dataclasses.replace(settings, partitions=4, checkpoint_ms=200)
+    workers.settings = settings
+    await topics.ensure_topics(settings)
+    rng = random.Random(23)
+    events = [ev(f"v{rng.randrange(200)}", T0 + rng.randrange(2 * DAY), rng.choice(NAMES),
+                 f"i{rng.randrange(30)}", f"m{n}") for n in range(2_000)]
+    events += clock_events(T0 + 2 * DAY, settings.partitions, "b")
+    first = workers.start("features")
+    second = workers.start("features")
+    try:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            async def members() -> int:
+                described = await admin.describe_consumer_groups([topics.group_id(settings, "features")])
+                # groups: (error_code, group, state, protocol_type, protocol, members)
+                return sum(len(g[5]) for r in described for g in r.groups if g[2] == "Stable")
+            await eventually(members, lambda n: n == 2, timeout_s=60, what="both workers in the group")
+        finally:
+            await admin.close()
+        await produce(settings, settings.topic(topics.CLICKS), records_of(events, 4, 20))
+        await wait_equal(settings, events, [])
+        assert first.poll() is None and second.poll() is None, workers.logs()
+        for start in (1, 2):
+            assert "progress events=" in workers.log_of("features", start).read_text(), \
+                f"worker {start} processed nothing:\n" + workers.logs()
+    finally:
+        first.terminate()
+        first.wait(timeout=20)
