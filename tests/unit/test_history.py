@@ -436,3 +436,28 @@ def test_what_debezium_delivers_needs_only_the_default_window(seed):
         if rng.random() < 0.3:
             delivery[i], delivery[j] = delivery[j], delivery[i]
     check_same_history(events, delivery, HistoryConfig())
+
+
+# The same lookup in SQL (the README's DuckDB query), over history rows as written ---------
+
+AS_OF_SQL = """
+with latest as (
+  select * from read_json_auto('{path}')
+  qualify row_number() over (partition by key_id, position order by revision desc) = 1)
+select key_id, position from latest
+where not is_retracted and not is_deleted
+  and valid_from <= {when} and (valid_to is null or {when} < valid_to)
+"""
+
+
+def test_duckdb_point_in_time_query_agrees_with_as_of(tmp_path):
+    import duckdb   # a test dependency (pyproject [test]): required, not skipped
+    events = change_stream(3, steps=60)
+    delivery = events + events[::4]
+    random.Random(3).shuffle(delivery)
+    rows, _, _ = run(delivery, HistoryConfig(max_versions=1000))
+    path = tmp_path / "history.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for when in range(T0, T0 + 40 * MIN, 4 * MIN + 77):
+        sql = {(k, tuple(p)) for k, p in duckdb.sql(AS_OF_SQL.format(path=path, when=when)).fetchall()}
+        assert sql == {(k, tuple(v["position"])) for k, v in as_of(rows, when).items()}
