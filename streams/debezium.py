@@ -34,8 +34,6 @@ from typing import Iterable, Literal
 
 import orjson
 
-from streams.codec import BadRecord
-
 Op = Literal["c", "u", "d", "r", "t"]
 OPS = frozenset({"c", "u", "d", "r", "t"})
 NEW_KEY_HEADER = "__debezium.newkey"     # on the delete of a primary-key change
@@ -45,8 +43,11 @@ _STRUCT_TEXT = re.compile(r"^Struct\{(.*)\}$", re.S)
 _BINLOG_NUMBER = re.compile(r"(\d+)$")
 
 
-class BadChangeEvent(BadRecord):
-    """A record that is not a Debezium change event; str(error) is the reason."""
+class BadChangeEvent(ValueError):
+    """A record that is not a Debezium change event; str(error) is the reason (for the DLQ).
+
+    A ValueError like streams.codec.BadRecord, not a subclass of it: streams.codec
+    imports schemas.clicks, which imports aiokafka, and this module stays pure."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,13 @@ the records that are not change events, as tables of cases."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
 import pytest
 
-from streams.codec import BadRecord
 from streams.debezium import BadChangeEvent, decode, key_id, pg_lsn
 
 FIXTURES = Path(__file__).parent / "fixtures" / "debezium"
@@ -224,7 +225,17 @@ def test_records_that_are_not_change_events(reason, key, value, fragment):
     with pytest.raises(BadChangeEvent) as err:
         decode(key, value)
     assert fragment in str(err.value), reason
-    assert isinstance(err.value, BadRecord)    # the workers' DLQ path catches BadRecord
+    assert isinstance(err.value, ValueError)
+
+
+def test_the_cdc_core_loads_no_io_client():
+    # Pure modules (STYLE.md rule 1): not even transitively. A fresh interpreter, since
+    # other tests load the clients into this one.
+    code = ("import sys, streams.debezium, streams.history, schemas.history; "
+            "print(sorted(m for m in ('faust', 'aiokafka', 'redis', 'aiohttp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2])
+    assert out.stdout.strip() == "[]"
 
 
 def test_pg_lsn_prints_like_postgresql():
