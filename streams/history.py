@@ -42,7 +42,7 @@ the archive): the latest revision of each version, minus retractions.
 """
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -198,7 +198,7 @@ def step(config: HistoryConfig, state: KeyState, event: ChangeEvent,
         state.emitted = derive(config, state)
     pos = event.position
     if entries and pos <= entries[-1].position:
-        i = _find(entries, pos)
+        i = bisect_left(entries, pos, key=lambda e: e.position)
         if i < len(entries) and entries[i].position == pos:
             out.duplicates += 1
             return
@@ -218,17 +218,6 @@ def step(config: HistoryConfig, state: KeyState, event: ChangeEvent,
         return
     _emit(state, new, out)
     _trim(config, state)
-
-
-def _find(entries: list[Entry], pos: tuple[int, ...]) -> int:
-    lo, hi = 0, len(entries)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if entries[mid].position < pos:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 def _append(config: HistoryConfig, state: KeyState, out: Outputs) -> None:
