@@ -14,12 +14,16 @@ Lettuce do), and the commands of all requests handled in one turn of the
 event loop leave in one write (ioredis's auto-pipelining): under load, one
 system call and one wake-up of Redis serve many requests. There is no pool to
 run dry under a burst: up to `redis_pool` connections are opened lazily, the
-next one only when the previous ones each have BUSY replies outstanding. A request whose caller gave up (its budget passed) closes
-the connection: it is aborted (its other waiting requests fail at once with
-`ConnectionError`), so a paused Redis does not pile up requests behind a stuck
-connection nor, once resumed, a backlog of late replies to parse on the event
-loop; the next request opens a fresh one. (The breaker soon stops sending
-requests at all.) A lost connection fails its waiting requests the same way.
+next one only when the previous ones each have BUSY replies outstanding.
+
+A request whose caller gave up (its budget passed) leaves its future cancelled in the FIFO (its late reply is read and dropped in order)
+and makes the connection suspect: new requests go elsewhere until a reply
+arrives. A connection with SUSPECT_LIMIT timeouts and no reply is aborted (its
+waiting requests fail at once with `ConnectionError`), so a paused Redis does
+not pile requests up behind it nor, once resumed, leave a backlog of late
+replies to parse on the event loop; while a single late turn of our own event
+loop (the replies were waiting in the socket) costs no reconnection and fails
+no other request. A lost connection fails its waiting requests the same way.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from urllib.parse import unquote, urlparse
 
 MAX_OUTSTANDING = 10_000   # per connection: past it a request fails at once
 BUSY = 64                  # replies outstanding before the next connection is used
+SUSPECT_LIMIT = 8          # timeouts without a reply before a connection is dropped
 
 
 class RespError(Exception):
@@ -98,6 +103,7 @@ class _Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.closed = False
         self.pending: list[bytes] = []
+        self.timeouts = 0   # callers that gave up since the last reply
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -117,6 +123,7 @@ class _Connection(asyncio.Protocol):
                 replies.append(value)
                 if len(replies) == want:
                     waiting.popleft()
+                    self.timeouts = 0
                     if not fut.done():
                         fut.set_result(replies)
         except (RespError, ValueError) as exc:
@@ -211,10 +218,10 @@ class FeatureClient:
             if c is None or c.closed:
                 if empty < 0:
                     empty = i
-            elif len(c.waiting) < BUSY:
+            elif len(c.waiting) < BUSY and not c.timeouts:
                 return c
-        if empty < 0:  # all busy: the least loaded
-            return min(self.conns, key=lambda c: len(c.waiting))  # type: ignore[arg-type,union-attr]
+        if empty < 0:  # all busy or suspect: the least suspect, then least loaded
+            return min(self.conns, key=lambda c: (c.timeouts, len(c.waiting)))  # type: ignore[union-attr]
         task = self._opening[empty]
         if task is None or task.done():
             task = self._opening[empty] = asyncio.ensure_future(self._open(empty))
@@ -229,11 +236,15 @@ class FeatureClient:
         try:
             fields, topk = await conn.send(payload, 2)
         except asyncio.CancelledError:
-            # The caller's budget passed without an answer: the connection is stuck
-            # (a paused or overloaded Redis). Drop it rather than queue more requests
-            # behind it and parse a backlog of late replies when Redis comes back; the
-            # requests waiting on it fail now instead of at their own deadlines.
-            conn.abort()
+            # The caller's budget passed without an answer. Our own loop may have been
+            # late (the replies wait in the socket), so one timeout only makes the
+            # connection suspect: new requests avoid it, and any reply clears it. After
+            # SUSPECT_LIMIT timeouts without a reply Redis is stuck (paused, overloaded):
+            # the connection is dropped rather than queue more behind it and parse a
+            # backlog of late replies when Redis comes back.
+            conn.timeouts += 1
+            if conn.timeouts >= SUSPECT_LIMIT:
+                conn.abort()
             raise
         for r in (fields, topk):
             if isinstance(r, RespError):
