@@ -115,6 +115,15 @@ class Settings:
     shadow_fraction: float = _env("CLICKLOOP_SHADOW_FRACTION", 0, default=0.0)
     model_dir: str = _env("CLICKLOOP_MODEL_DIR", default="")
     topk_ttl_s: int = _env("CLICKLOOP_TOPK_TTL_S", 60, default=24 * 3600)
+    # Experiments (issue 6): a click on a shown item within this window rewards
+    # the exposure (1), else the window's close does (0); bandit posteriors are
+    # published at most this often per experiment; a unit keeps its bandit arm
+    # this long; the experiments API/dashboard listens here.
+    attribution_window_s: int = _env("CLICKLOOP_ATTRIBUTION_WINDOW_S", 1, default=30 * 60)
+    posterior_publish_ms: int = _env("CLICKLOOP_POSTERIOR_PUBLISH_MS", 10, default=1000)
+    bandit_sticky_s: int = _env("CLICKLOOP_BANDIT_STICKY_S", 0, default=3600)
+    experiments_host: str = _env("CLICKLOOP_EXPERIMENTS_HOST", default="127.0.0.1")
+    experiments_port: int = _env("CLICKLOOP_EXPERIMENTS_PORT", 0, default=8082)
 
     @property
     def session_gap_ms(self) -> int:

@@ -31,9 +31,24 @@ MODELS = "models"
 EXPOSURES = "exposures"
 SHADOW = "shadow"
 
+# Experiments (issue 6): the registry (compacted, ONE partition: the collision
+# rule needs one total order of records), rewards from attribution, posterior
+# snapshots from bandits, and the two workers' changelogs.
+EXPERIMENTS = "experiments"
+EXPOSURES_DLQ = "exposures.dlq"
+REWARDS = "rewards"
+REWARDS_DLQ = "rewards.dlq"
+BANDIT_POSTERIORS = "bandit.posteriors"
+ATTRIBUTION_STATE = "clickloop-attribution-state"
+BANDITS_STATE = "clickloop-bandits-state"
+
 ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE,
-       FEATURES_ITEMS, FEATURES_STATE, MODELS, EXPOSURES, SHADOW)
-COMPACTED = frozenset({SESSIONIZE_STATE, FEATURES_STATE, MODELS})
+       FEATURES_ITEMS, FEATURES_STATE, MODELS, EXPOSURES, SHADOW,
+       EXPERIMENTS, EXPOSURES_DLQ, REWARDS, REWARDS_DLQ, BANDIT_POSTERIORS, ATTRIBUTION_STATE,
+       BANDITS_STATE)
+COMPACTED = frozenset({SESSIONIZE_STATE, FEATURES_STATE, MODELS, EXPERIMENTS, BANDIT_POSTERIORS,
+                       ATTRIBUTION_STATE, BANDITS_STATE})
+SINGLE_PARTITION = frozenset({EXPERIMENTS})
 
 
 def group_id(settings: Settings, processor: str) -> str:
@@ -48,7 +63,7 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(settings.topic(n), settings.partitions, 1,
+        wanted = [NewTopic(settings.topic(n), 1 if n in SINGLE_PARTITION else settings.partitions, 1,
                            topic_configs={"cleanup.policy": "compact"} if n in COMPACTED else {})
                   for n in names if settings.topic(n) not in existing]
         if wanted:
