@@ -7,6 +7,9 @@ JsonConverter's `schemas.enable=true` both key and value come wrapped as
 `{"schema": ..., "payload": ...}`; both forms are accepted, and so are keys
 written by the StringConverter (`Struct{id=1}`).
 
+Snapshot rows a connector writes as inserts (`op=c` with `source.snapshot`
+set, as older MySQL connectors did) decode as reads (`op=r`).
+
 `decode` returns a `ChangeEvent`, or None for a tombstone; anything that is
 not a change event raises `BadChangeEvent` with the reason, so the worker can
 dead-letter the record with its position and carry on.
@@ -39,6 +42,7 @@ OPS = frozenset({"c", "u", "d", "r", "t"})
 NEW_KEY_HEADER = "__debezium.newkey"     # on the delete of a primary-key change
 OLD_KEY_HEADER = "__debezium.oldkey"     # on the create of a primary-key change
 _MYSQL = frozenset({"mysql", "mariadb"})
+_NOT_SNAPSHOT = (None, False, "false")
 _STRUCT_TEXT = re.compile(r"^Struct\{(.*)\}$", re.S)
 _BINLOG_NUMBER = re.compile(r"(\d+)$")
 
@@ -97,6 +101,8 @@ def decode(key: bytes | None, value: bytes | None,
     source = envelope.get("source")
     if not isinstance(source, dict):
         raise BadChangeEvent('not a Debezium envelope: no "source" object')
+    if op == "c" and source.get("snapshot") not in _NOT_SNAPSHOT:
+        op = "r"   # snapshot rows written as inserts (older MySQL connectors) are reads
     ts_ms = source.get("ts_ms")
     if type(ts_ms) is not int:
         raise BadChangeEvent("source.ts_ms (the commit time) is missing or not an integer")

@@ -172,6 +172,24 @@ def test_schema_wrapper_is_unwrapped_only_around_an_envelope():
     assert decode(KEY, b({"schema": {"type": "struct"}, "payload": env})) == decode(KEY, b(env))
 
 
+# (reason, op, source.snapshot, decoded op)
+SNAPSHOT_OPS = [
+    ("a streamed insert stays an insert", "c", "false", "c"),
+    ("an insert without the snapshot field stays an insert", "c", None, "c"),
+    ("a snapshot row written as an insert (older MySQL connectors) is a read", "c", "true", "r"),
+    ("the same with the legacy boolean", "c", True, "r"),
+    ("the last row of a snapshot", "c", "last", "r"),
+    ("a read stays a read", "r", "first", "r"),
+    ("an update is never a read", "u", "true", "u"),
+]
+
+
+@pytest.mark.parametrize("reason,op,snapshot,decoded", SNAPSHOT_OPS, ids=[c[0] for c in SNAPSHOT_OPS])
+def test_snapshot_rows_are_reads(reason, op, snapshot, decoded):
+    source = {k: v for k, v in pg_source(snapshot=snapshot).items() if snapshot is not None or k != "snapshot"}
+    assert decode(KEY, b(envelope(op, source=source))).op == decoded, reason
+
+
 def test_truncate_has_no_key():
     event = decode(None, b(envelope("t", after=None)))
     assert (event.op, event.key, event.key_id) == ("t", None, None)
