@@ -141,7 +141,7 @@ class ModelWatcher:
             t0 = time.perf_counter()
             try:
                 model = await asyncio.to_thread(load, ann, self.settings.model_root)
-            except (ModelError, OSError, ValueError) as exc:
+            except Exception as exc:  # any bad artifact is refused, never a crash loop
                 self.last_error = f"{name} {ann.version}: {exc}"
                 log.error("model refused, keeping %s: %s", have.version if have else "none", exc)
                 self.on_event(name, "failed")

@@ -77,7 +77,7 @@ class TopicLog:
                 key, value = buf.popleft()
                 try:
                     fut = await send(self.topic, value, key=key)
-                except KafkaError as exc:
+                except Exception as exc:  # KafkaError, a record too large...: count, go on
                     self.dropped += 1
                     log.warning("%s: send failed: %r", self.topic, exc)
                     continue

@@ -330,3 +330,27 @@ def test_blas_runs_one_thread_in_the_service(settings):
     make_app(tuned(settings))
     blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
     assert blas and all(i["num_threads"] == 1 for i in blas), blas
+
+
+async def test_artifact_with_bad_parameters_is_refused_not_retried_forever(settings):
+    import dataclasses as dc
+
+    from services.model import artifact as artifacts
+
+    s = tuned(settings)
+    redis = aioredis.from_url(s.redis_url)
+    await seed(s, redis)
+    good = random_model(s.model_root / "src", "als", "v5", n_items=50, factors=8, n_users=5, seed=4)
+    # A verified artifact whose parameters AlsParams cannot take (a TypeError, not a
+    # ValueError): refused like any bad artifact, not a crash loop of the watcher.
+    bad_manifest = dc.replace(good.manifest, params={**good.manifest.params, "factors": "many"},
+                              arrays={}, content_sha256="")
+    bad = artifacts.write(s.model_root, bad_manifest, good.arrays)
+    async with TestClient(TestServer(make_app(s))) as client:
+        await announce(s, bad)
+        body = await eventually(lambda: _health(client), lambda h: h["model_error"] is not None, 15,
+                                "refusal reported")
+        assert "v5" in body["model_error"] and body["models"]["served"]["version"] == "v1"
+        _, rec = await get(client, user_id=user_id(1))
+        assert rec["path"] == "model" and rec["model_version"] == "v1"
+    await redis.aclose()
