@@ -135,6 +135,11 @@ def read_snapshot(record: Mapping | None, arm_names: Sequence[str]) -> Snapshot:
                     _first(record, ("updated", "ts", "published")), tuple(sorted(record)))
 
 
+def _floats(values) -> list[float]:
+    # scipy hands back numpy scalars; results are plain JSON numbers.
+    return [float(v) for v in values]
+
+
 def _posterior(state: ArmState, prior: bayesian.Beta) -> bayesian.Beta:
     if state.alpha is not None and state.beta is not None:
         return bayesian.Beta(state.alpha, state.beta)
@@ -175,7 +180,7 @@ def _comparison(name_a: str, a: Arm, post_a: bayesian.Beta, name_b: str, b: Arm,
         "relative_lift": test.difference / a.rate if a.rate else None,
         "z": test.z, "p_value_one_sided": test.p_value_one_sided,
         "p_value_two_sided": test.p_value_two_sided, "significant": test.significant(alpha),
-        "ci_difference": list(test.ci_difference),
+        "ci_difference": _floats(test.ci_difference),
         "sample_size_per_arm": n, "sample_size_note": n_note, "mde": mde_value,
         "mde_relative": relative,
         "prob_b_beats_a": bayesian.prob_b_beats_a(post_a, post_b),
@@ -223,8 +228,8 @@ def results(exp: Experiment, snap: Snapshot = EMPTY, *, alpha: float = 0.05, pow
     for name, spec, arm, post, state in zip(names, exp["arms"], counts, posts, states):
         arms.append({"name": name, "weight": spec["weight"], "exposures": arm.users,
                      "clicks": arm.conversions, "rate": arm.rate,
-                     "ci": list(frequentist.wilson_interval(arm, alpha)),
-                     "ci_lower": frequentist.wilson_lower_bound(arm, alpha),
+                     "ci": _floats(frequentist.wilson_interval(arm, alpha)),
+                     "ci_lower": float(frequentist.wilson_lower_bound(arm, alpha)),
                      "posterior": {"alpha": post.alpha, "beta": post.beta, "mean": post.mean},
                      "credible": list(post.interval(level))})
     comparisons = []
@@ -283,13 +288,13 @@ def history(exp: Experiment, snap: Snapshot, posts: Sequence[bayesian.Beta], alp
             t = frequentist.z_test(total[0], total[i], alpha)
             tests.append({"treatment": names[i], "z": t.z, "p_value_two_sided": t.p_value_two_sided,
                           "p_value_one_sided": t.p_value_one_sided, "difference": t.difference,
-                          "ci_difference": list(t.ci_difference)})
+                          "ci_difference": _floats(t.ci_difference)})
         srm_p = (frequentist.srm_test([t.users for t in total], _weights(exp)).p_value
                  if exp["kind"] == "ab" else None)
         out.append({
             "day": day,
             "arms": [{"name": n, "exposures": t.users, "clicks": t.conversions, "rate": t.rate,
-                      "ci": list(frequentist.wilson_interval(t, alpha)),
+                      "ci": _floats(frequentist.wilson_interval(t, alpha)),
                       "share": d.users / exposures_today if exposures_today else None}
                      for n, t, d in zip(names, total, daily)],
             "comparisons": tests, "srm_p_value": srm_p, "regret": regret,

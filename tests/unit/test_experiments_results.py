@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import orjson
+
 from services.experiments import bandit, bayesian, frequentist, report
 from services.experiments.inputs import Arm
 from services.experiments.results import SnapshotError, read_snapshot, results
@@ -162,3 +164,10 @@ def test_history_is_cumulative_per_day_with_shares_p_values_and_regret():
 def test_unreadable_snapshots_are_named(record, reason):
     with pytest.raises(SnapshotError, match=reason):
         read_snapshot(record, ["control", "treatment"])
+
+
+def test_results_are_plain_json():
+    days = [("2026-11-24", {"control": (100, 5), "treatment": (120, 9)})]
+    rec = snapshot({"control": (100, 5), "treatment": (120, 9)}, days=days)
+    r = results(experiment(), read_snapshot(rec, ["control", "treatment"]), seed=1, draws=100)
+    assert orjson.loads(orjson.dumps(r)) == r  # no numpy scalars: orjson refuses them
