@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="simulated event time starts this long ago (default 6)")
     demo.add_argument("--batch-size", type=int, default=50, help="events per request (default 50)")
     worker = sub.add_parser("worker", help="run one stream processor")
-    worker.add_argument("processor", choices=["sessionize", "features", "archive"])
+    worker.add_argument("processor", choices=["sessionize", "features", "archive",
+                                                    "attribution", "bandits"])
     serve = sub.add_parser("serve", help="run one HTTP service")
     serve.add_argument("service", choices=["collector", "recommender"])
     rep = sub.add_parser("replay", help="re-feed a topic range for a backfill (dry run by default)")

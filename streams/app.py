@@ -81,9 +81,10 @@ def make_app(settings: Settings, processor: str) -> faust.App:
 
 
 def processors() -> dict[str, Builder]:
-    from streams import archive, features, sessionize
+    from streams import archive, attribution, bandits, features, sessionize
 
-    return {"sessionize": sessionize.build, "features": features.build, "archive": archive.build}
+    return {"sessionize": sessionize.build, "features": features.build, "archive": archive.build,
+            "attribution": attribution.build, "bandits": bandits.build}
 
 
 def run_worker(processor: str, settings: Settings) -> None:

@@ -57,6 +57,10 @@ PROCESSORS = {
     "features": Owned(inputs=(topics.CLICKS, topics.SESSIONS), state=(topics.FEATURES_STATE,),
                       outputs=(topics.FEATURES_ITEMS,),
                       redis=("user:*", "item:*", "popular:*")),
+    "attribution": Owned(inputs=(topics.EXPOSURES, topics.CLICKS), state=(topics.ATTRIBUTION_STATE,),
+                         outputs=(topics.REWARDS, topics.EXPOSURES_DLQ)),
+    "bandits": Owned(inputs=(topics.REWARDS,), state=(topics.BANDITS_STATE,),
+                     outputs=(topics.BANDIT_POSTERIORS, topics.REWARDS_DLQ)),
 }
 
 
