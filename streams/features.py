@@ -86,10 +86,15 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
 
     armed: set[asyncio.Task] = set()      # the loop keeps only weak references to tasks
 
+    # Item deltas arrive in bursts, when a users transaction commits (every
+    # features_commit_ms): flushed 10 ms after a burst begins, not flush_ms, since
+    # they have waited for that commit already.
+    delay_s = {"users": flush_s, "items": min(flush_s, 0.01)}
+
     def arm(kind: str, t: float) -> None:
         if pending_since[kind] is None:
             pending_since[kind] = t
-            asyncio.get_running_loop().call_later(flush_s, start_flush, kind)
+            asyncio.get_running_loop().call_later(delay_s[kind], start_flush, kind)
 
     def start_flush(kind: str) -> None:
         task = asyncio.ensure_future(flush_when_due(kind))
@@ -232,7 +237,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                     continue
                 t = now()
                 arm("items", t)
-                if t - pending_since["items"] >= flush_s:  # type: ignore[operator]
+                if t - pending_since["items"] >= delay_s["items"]:  # type: ignore[operator]
                     await flush_items(t)
 
     @app.on_before_shutdown.connect
