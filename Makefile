@@ -9,7 +9,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: setup up test test-unit bench infra-start infra-stop clean
 
-setup: $(STAMP) $(JARS) /usr/bin/redis-server
+setup: $(STAMP) $(JARS) /usr/bin/redis-server /usr/bin/chromium
 
 $(STAMP): pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	@command -v cargo >/dev/null || { command -v apt-get >/dev/null && \
@@ -30,6 +30,12 @@ $(JARS): deploy/kafka/pom.xml
 	DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q --no-install-recommends redis-server
 	@# Debian's package may start a system instance on 6379; clickloop runs its own.
 	-service redis-server stop >/dev/null 2>&1 || true
+
+# Debian's headless browser for the dashboard test (tests/e2e/test_dashboard.py).
+/usr/bin/chromium:
+	@command -v apt-get >/dev/null || { echo "install chromium (Debian: apt-get install chromium)"; exit 1; }
+	$(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q --no-install-recommends chromium
 
 up: setup
 	.venv/bin/clickloop up

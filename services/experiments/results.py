@@ -101,13 +101,35 @@ def _counts(entry: Mapping, what: str) -> tuple[int, int]:
     return n, c
 
 
+def _parallel(record: Mapping) -> dict[str, Mapping]:
+    """schemas/posteriors.py's shape: `arms` a list of names, per-arm arrays beside it."""
+    names = record["arms"]
+    out: dict[str, dict] = {str(n): {} for n in names}
+    for key in ("alpha", "beta", "exposures", "clicks", "prob_best"):
+        values = record.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != len(names):
+            raise SnapshotError(f"{key}: expected one value per arm ({len(names)}), got {values!r}")
+        for name, value in zip(names, values):
+            out[str(name)][key] = value
+    return out
+
+
 def read_snapshot(record: Mapping | None, arm_names: Sequence[str]) -> Snapshot:
-    """The snapshot's per-arm state for the experiment's arms (absent arms: empty)."""
+    """The snapshot's per-arm state for the experiment's arms (arms it lacks: empty,
+    the prior). Reads schemas/posteriors.py's record (per-arm arrays in the order of
+    `arms`, `daily` as day -> arm -> {exposures, clicks}); also arms given as
+    objects, by name or in a list with a `name`."""
     if record is None:
         return EMPTY
     if not isinstance(record, Mapping):
         raise SnapshotError(f"a snapshot is a JSON object, got {type(record).__name__}")
-    arms_in = _by_name(record.get("arms", {}), "arms")
+    raw_arms = record.get("arms", {})
+    if isinstance(raw_arms, list) and all(isinstance(a, str) for a in raw_arms):
+        arms_in = _parallel(record)
+    else:
+        arms_in = _by_name(raw_arms, "arms")
     arms = {}
     for name in arm_names:
         entry = arms_in.get(name)
@@ -118,21 +140,21 @@ def read_snapshot(record: Mapping | None, arm_names: Sequence[str]) -> Snapshot:
         a, b = entry.get("alpha"), entry.get("beta")
         arms[name] = ArmState(n, c, None if a is None else float(a), None if b is None else float(b),
                               None if entry.get("prob_best") is None else float(entry["prob_best"]))
-    history = record.get("history") or record.get("daily") or []
+    history = record.get("daily") or record.get("history") or []
     if isinstance(history, Mapping):
         history = [{"day": day, "arms": v} for day, v in history.items()]
     days = []
     for entry in history:
         day = str(_first(entry, ("day", "date")))
-        per_arm = _by_name(entry.get("arms", {}), f"history {day}")
-        days.append((day, {name: Arm(*reversed(_counts(per_arm[name], f"history {day} arm {name!r}")))
+        per_arm = _by_name(entry.get("arms", {}), f"daily {day}")
+        days.append((day, {name: Arm(*reversed(_counts(per_arm[name], f"daily {day} arm {name!r}")))
                            for name in arm_names if name in per_arm}))
     days.sort(key=lambda d: d[0])
     stop = record.get("stop")
     vr = record.get("value_remaining")
     return Snapshot(arms, tuple(days), None if vr is None else float(vr),
                     None if stop is None else bool(stop), record.get("version"), record.get("seed"),
-                    _first(record, ("updated", "ts", "published")), tuple(sorted(record)))
+                    _first(record, ("as_of", "updated", "ts")), tuple(sorted(record)))
 
 
 def _floats(values) -> list[float]:

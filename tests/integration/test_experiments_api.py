@@ -141,12 +141,15 @@ async def test_results_from_a_posterior_snapshot(settings):
         counts = {"a": (900, 45), "b": (1100, 70), "c": (2400, 190)}
         days = [("2026-11-24", {"a": (400, 20), "b": (500, 30), "c": (1000, 75)}),
                 ("2026-11-25", {"a": (500, 25), "b": (600, 40), "c": (1400, 115)})]
-        snap = {"v": 1, "experiment": "res-1", "version": 9, "seed": 123, "updated": 1_795_000_000_000,
-                "arms": [{"name": n, "alpha": 1.0 + c, "beta": 1.0 + e - c, "exposures": e, "clicks": c,
-                          "prob_best": p} for (n, (e, c)), p in zip(counts.items(), (0.0, 0.01, 0.99))],
-                "value_remaining": 0.02, "stop": False,
-                "history": [{"day": d, "arms": [{"name": n, "exposures": e, "clicks": c}
-                                                for n, (e, c) in per.items()]} for d, per in days]}
+        # A record as the bandits processor writes it (schemas/posteriors.py).
+        snap = {"v": 1, "experiment": "res-1", "version": 9, "arms": list(counts),
+                "alpha": [1.0 + c for _, c in counts.values()],
+                "beta": [1.0 + e - c for e, c in counts.values()],
+                "exposures": [e for e, _ in counts.values()], "clicks": [c for _, c in counts.values()],
+                "prob_best": [0.0, 0.01, 0.99], "champion": "c", "value_remaining": 0.02, "stop": False,
+                "draws": 10_000, "seed": 123, "as_of": 1_795_000_000_000,
+                "daily": {d: {n: {"exposures": e, "clicks": c} for n, (e, c) in per.items()}
+                          for d, per in days}}
         producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
         await producer.start()
         try:

@@ -22,12 +22,15 @@ def experiment(arms=(("control", 0.5), ("treatment", 0.5)), kind="ab") -> dict:
 
 
 def snapshot(counts: dict[str, tuple[int, int]], prior=(1.0, 1.0), days=(), **extra) -> dict:
-    """A bandit.posteriors record: per arm (exposures, clicks) and alpha/beta = prior + counts."""
-    return {"v": 1, "experiment": "exp-1", "version": 3, "seed": 11,
-            "arms": [{"name": n, "exposures": e, "clicks": c, "alpha": prior[0] + c,
-                      "beta": prior[1] + e - c} for n, (e, c) in counts.items()],
-            "history": [{"day": d, "arms": [{"name": n, "exposures": e, "clicks": c}
-                                            for n, (e, c) in per.items()]} for d, per in days],
+    """A bandit.posteriors record (schemas/posteriors.py): per-arm arrays in the order of
+    `arms`, alpha/beta = prior + counts, `daily` as day -> arm -> {exposures, clicks}."""
+    names = list(counts)
+    return {"v": 1, "experiment": "exp-1", "version": 3, "arms": names,
+            "alpha": [prior[0] + c for e, c in counts.values()],
+            "beta": [prior[1] + e - c for e, c in counts.values()],
+            "exposures": [e for e, _ in counts.values()], "clicks": [c for _, c in counts.values()],
+            "draws": 1000, "seed": 11, "as_of": 5,
+            "daily": {d: {n: {"exposures": e, "clicks": c} for n, (e, c) in per.items()} for d, per in days},
             **extra}
 
 
@@ -98,8 +101,8 @@ def test_srm_flag_against_planned_weights(users, weights, warning, level):
 
 def test_bandits_are_not_checked_for_srm_and_use_the_snapshots_bandit_figures():
     exp = experiment(kind="thompson")
-    rec = snapshot({"control": (200, 10), "treatment": (5000, 400)}, value_remaining=0.004, stop=True)
-    rec["arms"][0]["prob_best"], rec["arms"][1]["prob_best"] = 0.001, 0.999
+    rec = snapshot({"control": (200, 10), "treatment": (5000, 400)}, value_remaining=0.004, stop=True,
+                   prob_best=[0.001, 0.999], champion="treatment")
     r = results(exp, read_snapshot(rec, ["control", "treatment"]), seed=3, draws=500)
     assert r["srm"]["checked"] is False and r["srm"]["warning"] is False
     assert r["bandit"] | {"computed": None} == r["bandit"] | {
@@ -156,6 +159,8 @@ def test_history_is_cumulative_per_day_with_shares_p_values_and_regret():
 
 
 @pytest.mark.parametrize("record,reason", [
+    ({"arms": ["control"], "exposures": [5], "clicks": [6]}, "6 clicks out of 5"),
+    ({"arms": ["control", "treatment"], "alpha": [1.0]}, "one value per arm"),
     ({"arms": [{"name": "control", "exposures": 5, "clicks": 6}]}, "6 clicks out of 5"),
     ({"arms": [{"exposures": 5, "clicks": 1}]}, "needs a name"),
     ({"arms": "control"}, "expected arms as an object or a list"),
@@ -171,3 +176,11 @@ def test_results_are_plain_json():
     rec = snapshot({"control": (100, 5), "treatment": (120, 9)}, days=days)
     r = results(experiment(), read_snapshot(rec, ["control", "treatment"]), seed=1, draws=100)
     assert orjson.loads(orjson.dumps(r)) == r  # no numpy scalars: orjson refuses them
+
+
+def test_an_arm_the_snapshot_lacks_has_the_prior_and_p_best_is_then_computed():
+    rec = snapshot({"treatment": (300, 30)}, prob_best=[1.0], value_remaining=0.0, stop=True)
+    r = results(experiment(), read_snapshot(rec, ["control", "treatment"]), seed=2, draws=500)
+    assert r["arms"][0]["posterior"] | {"mean": 0} == {"alpha": 1.0, "beta": 1.0, "mean": 0}
+    assert r["arms"][1]["posterior"]["alpha"] == 31.0
+    assert r["bandit"]["source"] == "computed" and len(r["bandit"]["prob_best"]) == 2
