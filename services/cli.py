@@ -3,7 +3,7 @@
   clickloop up                      Kafka, Redis, every worker and both services, in the foreground
   clickloop demo [--events N]       post synthetic traffic to the collector
   clickloop worker PROCESSOR        one stream processor (sessionize, features, archive)
-  clickloop serve SERVICE           one HTTP service (collector, recommender)
+  clickloop serve SERVICE           one HTTP service (collector, recommender, experiments)
   clickloop infra start|stop|status the local Kafka broker and Redis server
   clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
   clickloop stats ab --control A --treatment B [--json]
@@ -60,8 +60,11 @@ def _serve(service: str, settings: Settings) -> None:
     elif service == "recommender":
         from services.recommender.app import make_app
         host, port = settings.recommender_host, settings.recommender_port
+    elif service == "experiments":
+        from services.experiments.api.app import make_app
+        host, port = settings.experiments_host, settings.experiments_port
     else:
-        raise SystemExit(f"unknown service {service!r}; choose collector or recommender")
+        raise SystemExit(f"unknown service {service!r}; choose collector, recommender or experiments")
     print(f"[{service}] listening on http://{host}:{port}", flush=True)
     web.run_app(make_app(settings), host=host, port=port, print=None, access_log=None)
 
@@ -83,13 +86,15 @@ def _up(settings: Settings) -> int:
                           ("features", ["worker", "features"]),
                           ("archive", ["worker", "archive"]),
                           ("collector", ["serve", "collector"]),
-                          ("recommender", ["serve", "recommender"])]
+                          ("recommender", ["serve", "recommender"]),
+                          ("experiments", ["serve", "experiments"])]
     }
     print(f"""
 clickloop is up
   collector    http://{settings.collector_host}:{settings.collector_port}/v1/batch
   write key    {settings.write_keys[0] if settings.write_keys else "(none required)"}  (HTTP Basic user name)
   recommender  http://{settings.recommender_host}:{settings.recommender_port}/v1/recommendations?user_id=...&k=5
+  experiments  http://{settings.experiments_host}:{settings.experiments_port}/  (dashboard; API /v1/experiments, /openapi.json)
   kafka        {settings.kafka_bootstrap}
   redis        {settings.redis_url}
   archive      {settings.archive_root} (Parquet, hive-partitioned)
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("processor", choices=["sessionize", "features", "archive",
                                                     "attribution", "bandits"])
     serve = sub.add_parser("serve", help="run one HTTP service")
-    serve.add_argument("service", choices=["collector", "recommender"])
+    serve.add_argument("service", choices=["collector", "recommender", "experiments"])
     rep = sub.add_parser("replay", help="re-feed a topic range for a backfill (dry run by default)")
     rep.add_argument("--topic", required=True, help="topic to replay, without the prefix (e.g. clicks)")
     rep.add_argument("--from", dest="from_time", help="ISO time: first event time to replay")
