@@ -184,3 +184,27 @@ def test_an_arm_the_snapshot_lacks_has_the_prior_and_p_best_is_then_computed():
     assert r["arms"][0]["posterior"] | {"mean": 0} == {"alpha": 1.0, "beta": 1.0, "mean": 0}
     assert r["arms"][1]["posterior"]["alpha"] == 31.0
     assert r["bandit"]["source"] == "computed" and len(r["bandit"]["prob_best"]) == 2
+
+
+def test_reads_the_bandits_processors_own_snapshot():
+    """The record streams/bandits_core.py publishes, folded from rewards over two days."""
+    from streams.bandits_core import ExperimentPosterior, snapshot as publish
+
+    post = ExperimentPosterior()
+    day1, day2 = 1_795_000_000_000, 1_795_000_000_000 + DAY_MS
+    for i in range(300):
+        arm, ts = ("control", day1) if i % 3 else ("treatment", day2 if i % 2 else day1)
+        post.add({"v": 1, "request_id": f"r{i}", "experiment": "exp-1", "arm": arm,
+                  "reward": int(i % 7 == 0), "exposure_ts": ts, "reward_ts": ts + 1})
+    rec = orjson.loads(orjson.dumps(publish("exp-1", post, version=5, draws=2000)))
+    r = results(experiment(), read_snapshot(rec, ["control", "treatment"]), seed=0, draws=500)
+    for i, arm in enumerate(r["arms"]):
+        j = rec["arms"].index(arm["name"])
+        assert (arm["exposures"], arm["clicks"]) == (rec["exposures"][j], rec["clicks"][j])
+        assert (arm["posterior"]["alpha"], arm["posterior"]["beta"]) == (rec["alpha"][j], rec["beta"][j])
+        assert r["bandit"]["prob_best"][i] == rec["prob_best"][j]
+    assert r["bandit"]["source"] == "snapshot" and r["snapshot"]["version"] == 5
+    assert r["bandit"]["value_remaining"] == rec["value_remaining"]
+    assert [d["day"] for d in r["history"]] == sorted(rec["daily"])
+    last = r["history"][-1]["arms"]
+    assert [(a["exposures"], a["clicks"]) for a in last] == [(a["exposures"], a["clicks"]) for a in r["arms"]]
