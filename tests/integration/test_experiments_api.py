@@ -251,3 +251,47 @@ async def test_kafka_unreachable_is_503_with_retry_after(settings):
         assert "Kafka at 127.0.0.1:1 unreachable" in (await resp.json())["error"]
         assert (await client.get("/health")).status == 503
         assert (await client.get("/v1/experiments")).status == 503
+
+
+async def test_results_follow_the_bandits_worker(settings, workers):
+    """The whole chain: rewards on `rewards` -> the real `clickloop worker bandits` ->
+    `bandit.posteriors` -> this service's results (read_committed: the worker's
+    snapshots are transactional)."""
+    async with TestClient(TestServer(make_app(settings))) as client:
+        await ready(client)
+        assert (await post(client, "/v1/experiments", body("chain")))[0] == 201
+        assert (await post(client, "/v1/experiments/chain/start"))[0] == 200
+        day = 1_795_000_000_000
+        plan = {"popular": (260, 13), "personalized": (140, 14)}   # 50:50 planned, 65:35 served
+        rewards = []
+        for arm, (n, clicks) in plan.items():
+            for i in range(n):
+                ts = day + (i % 2) * DAY_MS + i
+                rewards.append({"v": 1, "request_id": f"{arm}-{i}", "experiment": "chain", "arm": arm,
+                                "visitor": f"u{i}", "reward": int(i < clicks), "exposure_ts": ts,
+                                "reward_ts": ts + 1000, "item": None, "position": None})
+        await topics.ensure_topics(settings)
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for r in rewards:
+                await producer.send(settings.topic(topics.REWARDS), orjson.dumps(r), key=b"chain")
+            await producer.flush()
+        finally:
+            await producer.stop()
+        workers.start("bandits")
+
+        async def fetch():
+            return (await get(client, "/v1/experiments/chain/results?seed=1&draws=2000"))[1]
+        try:
+            got = await eventually(fetch, lambda r: sum(a["exposures"] for a in r["arms"]) == 400, 90,
+                                   "the bandits worker's snapshot")
+        except TimeoutError:
+            raise AssertionError(workers.logs()) from None
+    assert [(a["name"], a["exposures"], a["clicks"]) for a in got["arms"]] == [
+        ("popular", 260, 13), ("personalized", 140, 14)]
+    assert [a["posterior"]["alpha"] for a in got["arms"]] == [14.0, 15.0]
+    assert got["bandit"]["source"] == "snapshot" and got["snapshot"]["version"] >= 1
+    assert got["srm"]["warning"] is True  # 260:140 against 50:50
+    assert len(got["history"]) == 2
+    assert [[a["exposures"] for a in d["arms"]] for d in got["history"]][-1] == [260, 140]
