@@ -4,12 +4,14 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.installed
 JARS := deploy/kafka/lib/.resolved
+# Kafka Connect + the Debezium PostgreSQL connector (CDC sources, `clickloop cdc up`).
+CONNECT_JARS := deploy/connect/lib/.resolved
 # rustup installs cargo here; the native core (native/) is built by pip install.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup up test test-unit bench infra-start infra-stop clean
+.PHONY: setup up test test-unit bench infra-start infra-stop clean postgres-server
 
-setup: $(STAMP) $(JARS) /usr/bin/redis-server /usr/bin/chromium
+setup: $(STAMP) $(JARS) $(CONNECT_JARS) postgres-server /usr/bin/redis-server /usr/bin/chromium
 
 $(STAMP): pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	@command -v cargo >/dev/null || { command -v apt-get >/dev/null && \
@@ -37,6 +39,24 @@ $(JARS): deploy/kafka/pom.xml
 	$(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q --no-install-recommends chromium
 
+$(CONNECT_JARS): deploy/connect/pom.xml deploy/connect/debezium/pom.xml
+	@# Anew each time: jars of an older version left beside the new ones would share the classpath.
+	rm -rf deploy/connect/lib deploy/connect/plugins
+	cd deploy/connect && mvn -q -B dependency:copy-dependencies -DoutputDirectory=lib -DincludeScope=runtime
+	cd deploy/connect/debezium && mvn -q -B dependency:copy-dependencies \
+	  -DoutputDirectory=../plugins/debezium-connector-postgres -DincludeScope=runtime
+	@touch $@
+
+# Debian's PostgreSQL server (its programs live in /usr/lib/postgresql/<major>/bin) for the CDC
+# source; clickloop runs its own instance (services/infra_cdc.py), not the package's cluster.
+postgres-server:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null || { echo "install PostgreSQL's server (Debian: apt-get install postgresql)"; exit 1; }; \
+	  $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) \
+	    apt-get install -y -q --no-install-recommends postgresql && \
+	  { service postgresql stop >/dev/null 2>&1 || true; }; }
+
 up: setup
 	.venv/bin/clickloop up
 
@@ -60,5 +80,6 @@ infra-stop:
 	.venv/bin/clickloop infra stop
 
 clean:
+	-.venv/bin/clickloop cdc down
 	-.venv/bin/clickloop infra stop
 	rm -rf .state

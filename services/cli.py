@@ -5,6 +5,7 @@
   clickloop worker PROCESSOR        one stream processor (sessionize, features, archive)
   clickloop serve SERVICE           one HTTP service (collector, recommender, experiments)
   clickloop infra start|stop|status the local Kafka broker and Redis server
+  clickloop cdc up|down|status      PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium connector
   clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
   clickloop stats ab --control A --treatment B [--json]
                                     A/B statistics for two arms, each RATE_OR_CONVERSIONS:USERS
@@ -79,6 +80,18 @@ def _up(settings: Settings) -> int:
     for svc in started:
         print(f"started {svc.name} on {svc.host}:{svc.port} (log {svc.log})", flush=True)
     asyncio.run(ensure_topics(settings))
+    cdc_started = []
+    if settings.cdc_enabled:  # CLICKLOOP_CDC_ENABLED: PostgreSQL + Connect/Debezium too
+        from services import infra_cdc
+        try:
+            cdc_started = infra_cdc.up(settings)
+        except infra.InfraError as exc:
+            print(f"clickloop up: CDC sources: {exc}", file=sys.stderr)
+            for svc in started:
+                infra.stop(svc)
+            return 1
+        for svc in cdc_started:
+            print(f"started {svc.name} on {svc.host}:{svc.port} (state {svc.state_dir})", flush=True)
     me = [sys.executable, "-m", "services.cli"]
     children = {
         name: subprocess.Popen([*me, *cmd], env={**os.environ, **settings.as_env()})
@@ -89,6 +102,9 @@ def _up(settings: Settings) -> int:
                           ("recommender", ["serve", "recommender"]),
                           ("experiments", ["serve", "experiments"])]
     }
+    if settings.cdc_enabled and "cdc_history" not in children:
+        children["cdc_history"] = subprocess.Popen([*me, "worker", "cdc_history"],
+                                                   env={**os.environ, **settings.as_env()})
     print(f"""
 clickloop is up
   collector    http://{settings.collector_host}:{settings.collector_port}/v1/batch
@@ -100,6 +116,11 @@ clickloop is up
   archive      {settings.archive_root} (Parquet, hive-partitioned)
 Send traffic with `.venv/bin/clickloop demo`; Ctrl-C stops everything.
 """, flush=True)
+    if settings.cdc_enabled:
+        print(f"  cdc          PostgreSQL {settings.pg_host}:{settings.pg_port}/{settings.pg_database}, "
+              f"Kafka Connect http://127.0.0.1:{settings.connect_port}, topics "
+              f"{settings.topic('cdc.' + settings.cdc_server)}.<schema>.<table> (`clickloop cdc status`)",
+              flush=True)
     stopping = False
 
     def stop(*_):
@@ -125,6 +146,9 @@ Send traffic with `.venv/bin/clickloop demo`; Ctrl-C stops everything.
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for svc in cdc_started:  # Connect before PostgreSQL, both before Kafka
+            infra_cdc.stop_service(settings, svc)
+            print(f"stopped {svc.name}", flush=True)
         for svc in started:
             infra.stop(svc)
             print(f"stopped {svc.name}", flush=True)
@@ -191,6 +215,39 @@ def _add_stats_parser(sub) -> None:
     ab.add_argument("--draws", type=int, default=None, help="Monte Carlo draws (default 200000)")
     ab.add_argument("--seed", type=int, default=None, help="Monte Carlo seed (default: fresh, printed)")
     ab.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+CDC_SOURCE_ACTIONS = ("up", "down", "status")
+
+
+def _add_cdc_source_actions(actions) -> None:
+    """`clickloop cdc up|down|status` (services/infra_cdc.py), beside `cdc snapshot`."""
+    actions.add_parser("up", help="start PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium "
+                                  "PostgreSQL connector; returns once the connector is RUNNING")
+    actions.add_parser("down", help="stop Kafka Connect and PostgreSQL (offsets and slot kept)")
+    actions.add_parser("status", help="PostgreSQL, Kafka Connect and the connector's state")
+
+
+def _cdc_sources(settings: Settings, action: str) -> int:
+    from services import infra, infra_cdc
+    try:
+        if action == "up":
+            if not infra.kafka_ready(settings):
+                print(f"clickloop cdc: Kafka does not answer at {settings.kafka_bootstrap}: "
+                      "start it first (`clickloop infra start`)", file=sys.stderr)
+                return 1
+            t0 = time.monotonic()
+            for svc in infra_cdc.up(settings):
+                print(f"started {svc.name} on {svc.host}:{svc.port} (state {svc.state_dir})")
+            print(f"cdc up in {time.monotonic() - t0:.1f} s")
+        elif action == "down":
+            infra_cdc.down(settings)
+        for name, line in infra_cdc.status(settings).items():
+            print(f"{name}: {line}")
+    except infra.InfraError as exc:
+        print(f"clickloop cdc: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _stats(args) -> int:
@@ -274,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="precompute for users with an interaction in the data's last D days (default 7)")
     tr.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     _add_stats_parser(sub)
+    cdc = sub.add_parser("cdc", help="change data capture: history tables from database changes")
+    _add_cdc_source_actions(cdc.add_subparsers(dest="cdc_command", required=True))
     inf = sub.add_parser("infra", help="the local Kafka broker and Redis server")
     inf.add_argument("action", choices=["start", "stop", "status"])
     args = parser.parse_args(argv)
@@ -310,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         except TrainError as exc:
             print(f"clickloop train: {exc}", file=sys.stderr)
             return 2
+    if args.command == "cdc" and args.cdc_command in CDC_SOURCE_ACTIONS:
+        return _cdc_sources(settings, args.cdc_command)
     if args.command == "worker":
         from streams.app import run_worker
         run_worker(args.processor, settings)

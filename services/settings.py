@@ -124,6 +124,20 @@ class Settings:
     bandit_sticky_s: int = _env("CLICKLOOP_BANDIT_STICKY_S", 0, default=3600)
     experiments_host: str = _env("CLICKLOOP_EXPERIMENTS_HOST", default="127.0.0.1")
     experiments_port: int = _env("CLICKLOOP_EXPERIMENTS_PORT", 0, default=8082)
+    # CDC sources (issue 7, services/infra_cdc.py, `clickloop cdc up`): PostgreSQL with
+    # wal_level=logical (started locally unless PG_HOST:PG_PORT already answers) and Kafka
+    # Connect standalone with the Debezium PostgreSQL connector, whose topics are
+    # cdc.<CDC_SERVER>.<schema>.<table> for the CDC_TABLES (schema.table, comma-separated).
+    # CDC_ENABLED: `clickloop up` starts them too.
+    cdc_enabled: bool = _env("CLICKLOOP_CDC_ENABLED", default=False)
+    cdc_server: str = _env("CLICKLOOP_CDC_SERVER", default="clickloop")
+    cdc_tables: tuple[str, ...] = _env("CLICKLOOP_CDC_TABLES", default=("public.subscriptions",))
+    pg_host: str = _env("CLICKLOOP_PG_HOST", default="127.0.0.1")
+    pg_port: int = _env("CLICKLOOP_PG_PORT", 1, default=5433)
+    pg_database: str = _env("CLICKLOOP_PG_DATABASE", default="clickloop")
+    pg_user: str = _env("CLICKLOOP_PG_USER", default="clickloop")
+    pg_password: str = _env("CLICKLOOP_PG_PASSWORD", default="clickloop")
+    connect_port: int = _env("CLICKLOOP_CONNECT_PORT", 1, default=8083)
 
     @property
     def session_gap_ms(self) -> int:
