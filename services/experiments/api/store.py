@@ -73,6 +73,7 @@ class ExperimentStore:
         self._progress = asyncio.Condition()
         self._write_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self._positions: dict[TopicPartition, int] = {}   # next offset to read, per partition
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -163,7 +164,13 @@ class ExperimentStore:
                 await asyncio.sleep(0.1)
             post_tps = [TopicPartition(self.posteriors_topic, p) for p in sorted(parts or ())]
             consumer.assign([exp_tp, *post_tps])
-            await consumer.seek_to_beginning()
+            # First time from the beginning; after a reconnection, on from where the
+            # fold stopped (the state is kept, so readers never see a half rebuild).
+            for tp in (exp_tp, *post_tps):
+                if tp in self._positions:
+                    consumer.seek(tp, self._positions[tp])
+                else:
+                    await consumer.seek_to_beginning(tp)
         except BaseException:
             await consumer.stop()
             raise
@@ -175,13 +182,13 @@ class ExperimentStore:
             consumer = None
             try:
                 consumer, exp_tp, post_tps = await self._open()
-                # A fresh consumer re-reads everything: rebuild from nothing.
-                self.registry, self.snapshots, self.applied = registry.Registry(), {}, 0
                 ends = await consumer.end_offsets([exp_tp, *post_tps])
                 attempt = 0
                 while True:
                     batches = await consumer.getmany(timeout_ms=500)
                     for tp, records in batches.items():
+                        if records:
+                            self._positions[tp] = records[-1].offset + 1
                         if tp == exp_tp:
                             self._fold(records)
                         else:
