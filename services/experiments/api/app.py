@@ -81,7 +81,8 @@ def draft(body: object, now: int) -> dict:
     record = {**DEFAULTS, "start": now, **body}
     arms = record.get("arms")
     if isinstance(arms, list):
-        record["arms"] = [{"description": None, **a} if isinstance(a, dict) else a for a in arms]
+        record["arms"] = [{**a, "description": a.get("description")} if isinstance(a, dict) else a
+                          for a in arms]
     record.update(v=SCHEMA_VERSION, revision=1, status="draft", ended=None, updated=now)
     # The schema's field order first (what a reader of the topic sees), unknown fields
     # last (validation refuses them with their names).
