@@ -176,7 +176,10 @@ def test_subscriptions_history_end_to_end(source: Settings, workers):
     def settled(got: list[dict]) -> bool:
         return _comparable(resolve(got)) == _comparable(history)
 
-    got = asyncio.run(read_topic(s.kafka_bootstrap, history_topic, settled, timeout_s=90))
+    try:
+        got = asyncio.run(read_topic(s.kafka_bootstrap, history_topic, settled, timeout_s=90))
+    except Exception as exc:  # the worker's log says why
+        pytest.fail(f"{history_topic} never matched the offline fold: {exc!r}\n{workers.logs()}")
     assert _comparable(resolve(got)) == _comparable(history)
     print(f"\n[cdc] connector registered and RUNNING in {register_s:.1f} s")
 
