@@ -36,7 +36,7 @@ class Posterior(TypedDict):
     prob_best: list[float]
     champion: str
     value_remaining: float
-    stop: bool
+    stop: bool                  # value remaining < 1 % (never with fewer than two arms seen)
     draws: int
     seed: int
     as_of: int                  # the largest reward_ts folded in

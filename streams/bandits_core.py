@@ -28,6 +28,9 @@ from services.experiments.seeding import MAX_SEED
 from streams.codec import BadRecord
 
 DAY_MS = 86_400_000
+# Arms are known from their rewards only (an arm without rewards is absent, at its
+# prior): with one arm seen, assess() has nothing left to learn and would say stop.
+MIN_ARMS_TO_STOP = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,7 @@ def snapshot(experiment: str, post: ExperimentPosterior, version: int, draws: in
             "alpha": alpha, "beta": beta, "exposures": [post.arms[a][0] for a in names],
             "clicks": [post.arms[a][1] for a in names], "prob_best": list(state.prob_best),
             "champion": names[state.champion], "value_remaining": state.value_remaining,
-            "stop": state.stop, "draws": state.draws, "seed": seed, "as_of": post.as_of,
+            "stop": state.stop and len(names) >= MIN_ARMS_TO_STOP, "draws": state.draws, "seed": seed, "as_of": post.as_of,
             "daily": {day: {arm: {"exposures": n, "clicks": c} for arm, (n, c) in sorted(arms.items())}
                       for day, arms in sorted(post.daily.items())}}
 

@@ -87,6 +87,14 @@ def test_a_stop_verdict_change_publishes_at_once():
     assert part.due(300) == [], "no verdict change: back to the publish interval"
 
 
+def test_one_arm_seen_is_no_reason_to_stop():
+    part = PartitionBandits(BanditsConfig(draws=500))
+    part.add(reward("A", 1))
+    snap = part.due(0)[0]
+    assert snap["arms"] == ["A"] and snap["stop"] is False
+    assert bandit.assess(snap["alpha"], snap["beta"], draws=500, seed=snap["seed"]).stop is True
+
+
 def test_snapshot_numbers_come_from_assess_with_a_seed_derived_from_experiment_and_version():
     part = PartitionBandits(BanditsConfig(draws=3000))
     for arm, value in [("A", 1), ("A", 0), ("B", 1), ("C", 0)]:
