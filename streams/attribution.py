@@ -102,6 +102,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                         await txn.send(dlq_topic, key=record.key, value=dlq_record(
                             msg.topic, msg.partition, msg.offset, str(exc), record.key,
                             record.value, "attribution"))
+                    state.pending_events += 1   # commits the DLQ record (or the skip) soon
                     continue
                 await send_rewards(txn, out.rewards)
                 state.pending_events += out.events

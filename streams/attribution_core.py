@@ -153,7 +153,9 @@ class PartitionAttribution:
             wm = self.click_wm
             if ts > wm:
                 self.click_wm = ts
-            if event.get("event") not in CLICK_EVENTS or not isinstance(event.get("properties"), dict):
+            name = event.get("event")
+            if name.__class__ is not str or name not in CLICK_EVENTS \
+                    or not isinstance(event.get("properties"), dict):
                 continue
             if ts < wm - lateness:
                 out.late_clicks += 1

@@ -110,6 +110,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                     await txn.send(dlq_topic, key=record.key, value=dlq_record(
                         msg.topic, msg.partition, msg.offset, str(exc), record.key,
                         record.value, "bandits"))
+                    state.pending_events += 1   # commits the DLQ record soon
                     continue
                 state.pending_events += 1
                 t = now()

@@ -126,6 +126,15 @@ def test_clicks_are_kept_for_lagging_exposures_only_up_to_the_retention():
     assert outcome(beyond) == {"r1": (0, None, None, 30)}
 
 
+def test_odd_click_events_are_skipped_not_fatal():
+    part = PartitionAttribution(CFG)
+    part.process_exposure(exposure("r1", 0))
+    out = part.process_clicks([{**click(1), "event": ["Product Clicked"]}, {**click(2), "properties": 7},
+                               {**click(3), "timestamp": "3"}, "not an event", click(4, "i2")])
+    assert out.bad_events == 2
+    assert outcome(out.rewards) == {"r1": (1, "i2", 1, 4)}
+
+
 def test_late_exposure_is_handed_back_not_rewarded():
     rewards, late = run([("x", exposure("r1", 10)), ("x", exposure("r0", 8)), ("c", [click(9, "i1")])])
     assert rewards == [] and len(late) == 1 and "late exposure" in late[0]
