@@ -7,6 +7,8 @@
   clickloop infra start|stop|status the local Kafka broker and Redis server
   clickloop cdc up|down|status      PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium connector
   clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
+  clickloop cdc snapshot --table T --server S --schema SCH (--postgres DSN|--csv F|--jsonl F) --key COL[,COL]
+                                    a table as Debezium snapshot reads onto cdc.<server>.<schema>.<table>
   clickloop stats ab --control A --treatment B [--json]
                                     A/B statistics for two arms, each RATE_OR_CONVERSIONS:USERS
 """
@@ -217,6 +219,27 @@ def _add_stats_parser(sub) -> None:
     ab.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_cdc_parser(sub):
+    """`clickloop cdc ACTION`: one subparser per action, dispatched by `_cdc`."""
+    cdc = sub.add_parser("cdc", help="change data capture: history tables from database changes")
+    actions = cdc.add_subparsers(dest="cdc_command", required=True)
+    snap = actions.add_parser(
+        "snapshot", help="dump a table as Debezium snapshot reads (op=r) onto cdc.<server>.<schema>.<table>",
+        description="Seeds the cdc_history worker as Debezium's initial snapshot would, for sources "
+                    "without a connector: PostgreSQL (COPY through psql), a CSV export with a header "
+                    "line, or a JSON-lines export (mongoexport).")
+    snap.add_argument("--table", required=True, help="table name (the topic's last part)")
+    snap.add_argument("--server", required=True, help="logical server name (Debezium's topic prefix after cdc.)")
+    snap.add_argument("--schema", required=True, help="schema (PostgreSQL) or database (MySQL) name")
+    src = snap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--postgres", metavar="DSN", help="libpq connection string or URI of the database")
+    src.add_argument("--csv", metavar="FILE", help="CSV file with a header line")
+    src.add_argument("--jsonl", metavar="FILE", help="JSON-lines file, one row object a line")
+    snap.add_argument("--key", required=True, metavar="COL[,COL]", help="primary-key column(s)")
+    snap.add_argument("--null", default="\\N", help="CSV cell that means null (default \\N)")
+    return actions
+
+
 CDC_SOURCE_ACTIONS = ("up", "down", "status")
 
 
@@ -248,6 +271,17 @@ def _cdc_sources(settings: Settings, action: str) -> int:
         print(f"clickloop cdc: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cdc(settings: Settings, args) -> int:
+    if args.cdc_command == "snapshot":
+        from services.cdc.snapshot import SnapshotError, run as snapshot
+        try:
+            return asyncio.run(snapshot(settings, args))
+        except SnapshotError as exc:
+            print(f"clickloop cdc snapshot: {exc}", file=sys.stderr)
+            return 2
+    raise SystemExit(f"unknown cdc action {args.cdc_command!r}")
 
 
 def _stats(args) -> int:
@@ -290,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="simulated event time starts this long ago (default 6)")
     demo.add_argument("--batch-size", type=int, default=50, help="events per request (default 50)")
     worker = sub.add_parser("worker", help="run one stream processor")
-    worker.add_argument("processor", choices=["sessionize", "features", "archive",
+    worker.add_argument("processor", choices=["sessionize", "features", "archive", "cdc_history",
                                                     "attribution", "bandits"])
     serve = sub.add_parser("serve", help="run one HTTP service")
     serve.add_argument("service", choices=["collector", "recommender", "experiments"])
@@ -331,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="precompute for users with an interaction in the data's last D days (default 7)")
     tr.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     _add_stats_parser(sub)
-    cdc = sub.add_parser("cdc", help="change data capture: history tables from database changes")
-    _add_cdc_source_actions(cdc.add_subparsers(dest="cdc_command", required=True))
+    _add_cdc_source_actions(_add_cdc_parser(sub))
     inf = sub.add_parser("infra", help="the local Kafka broker and Redis server")
     inf.add_argument("action", choices=["start", "stop", "status"])
     args = parser.parse_args(argv)
@@ -371,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "cdc" and args.cdc_command in CDC_SOURCE_ACTIONS:
         return _cdc_sources(settings, args.cdc_command)
+    if args.command == "cdc":
+        return _cdc(settings, args)
     if args.command == "worker":
         from streams.app import run_worker
         run_worker(args.processor, settings)

@@ -9,6 +9,7 @@ table, not two lists to keep in step.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -121,9 +122,20 @@ class Settings:
     # this long; the experiments API/dashboard listens here.
     attribution_window_s: int = _env("CLICKLOOP_ATTRIBUTION_WINDOW_S", 1, default=30 * 60)
     posterior_publish_ms: int = _env("CLICKLOOP_POSTERIOR_PUBLISH_MS", 10, default=1000)
+    # Attribution (streams/attribution_core.py): how far behind its stream's watermark
+    # a click or an exposure may arrive and still count; how long clicks wait for
+    # exposures that lag behind the clicks (event time).
+    attribution_lateness_s: int = _env("CLICKLOOP_ATTRIBUTION_LATENESS_S", 0, default=60)
+    attribution_retention_s: int = _env("CLICKLOOP_ATTRIBUTION_RETENTION_S", 1, default=6 * 3600)
     bandit_sticky_s: int = _env("CLICKLOOP_BANDIT_STICKY_S", 0, default=3600)
     experiments_host: str = _env("CLICKLOOP_EXPERIMENTS_HOST", default="127.0.0.1")
     experiments_port: int = _env("CLICKLOOP_EXPERIMENTS_PORT", 0, default=8082)
+    # CDC history (issue 7, streams/cdc_history.py): the Debezium table topics to
+    # fold, unprefixed and comma-separated; an entry with regex characters is a
+    # pattern matched against whole topic names (new matching topics are picked
+    # up while running). Events held per key to place late ones.
+    cdc_topics: tuple[str, ...] = _env("CLICKLOOP_CDC_TOPICS", default=(r"cdc\..*",))
+    history_max_versions: int = _env("CLICKLOOP_HISTORY_MAX_VERSIONS", 1, default=16)
     # CDC sources (issue 7, services/infra_cdc.py, `clickloop cdc up`): PostgreSQL with
     # wal_level=logical (started locally unless PG_HOST:PG_PORT already answers) and Kafka
     # Connect standalone with the Debezium PostgreSQL connector, whose topics are
@@ -188,6 +200,15 @@ class Settings:
                                 f"CLICKLOOP_BUDGET_MS={self.budget_ms}")
         if self.breaker_error_pct > 100:
             raise SettingsError(f"CLICKLOOP_BREAKER_ERROR_PCT={self.breaker_error_pct} must be at most 100")
+        if not self.cdc_topics:
+            raise SettingsError("CLICKLOOP_CDC_TOPICS is empty: name the Debezium topics or a pattern, "
+                                r"e.g. cdc\..* or cdc.shop.public.subscriptions")
+        for entry in self.cdc_topics:
+            try:
+                re.compile(entry)
+            except re.error as exc:
+                raise SettingsError(f"CLICKLOOP_CDC_TOPICS entry {entry!r} is not a valid regular "
+                                    f"expression: {exc}") from None
 
     @property
     def archive_root(self) -> str:

@@ -81,9 +81,10 @@ def make_app(settings: Settings, processor: str) -> faust.App:
 
 
 def processors() -> dict[str, Builder]:
-    from streams import archive, attribution, bandits, features, sessionize
+    from streams import archive, attribution, bandits, cdc_history, features, sessionize
 
     return {"sessionize": sessionize.build, "features": features.build, "archive": archive.build,
+            "cdc_history": cdc_history.build,
             "attribution": attribution.build, "bandits": bandits.build}
 
 

@@ -42,12 +42,42 @@ BANDIT_POSTERIORS = "bandit.posteriors"
 ATTRIBUTION_STATE = "clickloop-attribution-state"
 BANDITS_STATE = "clickloop-bandits-state"
 
+# CDC history (issue 7): Debezium table topics `cdc.<server>.<schema>.<table>`
+# in, SCD2 versions out on `history.<table>`, bad and late records to
+# `<input topic>.dlq`; the worker's state changelog. Inputs are found by
+# CLICKLOOP_CDC_TOPICS (names or patterns), outputs created as inputs appear.
+CDC_PREFIX = "cdc."
+HISTORY_PREFIX = "history."
+CDC_HISTORY_STATE = "clickloop-cdc_history-state"
+_REGEX_CHARS = frozenset("\\*+?[](){}|^$")
+
+
+def cdc_topic(server: str, schema: str, table: str) -> str:
+    """Debezium's default topic name for a table: `cdc.<server>.<schema>.<table>`
+    (the connector's topic.prefix set to `cdc.<server>`)."""
+    return f"{CDC_PREFIX}{server}.{schema}.{table}"
+
+
+def history_topic(cdc_topic_name: str) -> str:
+    """`history.<table>` for a CDC table topic: the last dotted part names the table."""
+    return HISTORY_PREFIX + cdc_topic_name.rsplit(".", 1)[-1]
+
+
+def dlq_topic(name: str) -> str:
+    return f"{name}.dlq"
+
+
+def is_pattern(entry: str) -> bool:
+    """A CLICKLOOP_CDC_TOPICS entry with regex characters is a pattern, else a name."""
+    return any(c in _REGEX_CHARS for c in entry)
+
+
 ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE,
        FEATURES_ITEMS, FEATURES_STATE, MODELS, EXPOSURES, SHADOW,
        EXPERIMENTS, EXPOSURES_DLQ, REWARDS, REWARDS_DLQ, BANDIT_POSTERIORS, ATTRIBUTION_STATE,
-       BANDITS_STATE)
+       BANDITS_STATE, CDC_HISTORY_STATE)
 COMPACTED = frozenset({SESSIONIZE_STATE, FEATURES_STATE, MODELS, EXPERIMENTS, BANDIT_POSTERIORS,
-                       ATTRIBUTION_STATE, BANDITS_STATE})
+                       ATTRIBUTION_STATE, BANDITS_STATE, CDC_HISTORY_STATE})
 SINGLE_PARTITION = frozenset({EXPERIMENTS})
 
 

@@ -57,6 +57,10 @@ PROCESSORS = {
     "features": Owned(inputs=(topics.CLICKS, topics.SESSIONS), state=(topics.FEATURES_STATE,),
                       outputs=(topics.FEATURES_ITEMS,),
                       redis=("user:*", "item:*", "popular:*")),
+    # cdc_history: its inputs (cdc.<server>.<schema>.<table>) and outputs (history.<table>,
+    # <input>.dlq) are per captured table, found at run time (CLICKLOOP_CDC_TOPICS), so
+    # only its state is named here.
+    "cdc_history": Owned(inputs=(), state=(topics.CDC_HISTORY_STATE,)),
     "attribution": Owned(inputs=(topics.EXPOSURES, topics.CLICKS), state=(topics.ATTRIBUTION_STATE,),
                          outputs=(topics.REWARDS, topics.EXPOSURES_DLQ)),
     "bandits": Owned(inputs=(topics.REWARDS,), state=(topics.BANDITS_STATE,),

@@ -1,0 +1,1 @@
+"""Change data capture: sources for the cdc_history worker (`clickloop cdc ...`)."""
