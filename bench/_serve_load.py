@@ -3,9 +3,9 @@
     python bench/_serve_load.py --port P --visitors FILE (--rate R | --max) --seconds S
                                 [--connections C] [--k 10] [--path /v1/recommendations]
 
-A minimal HTTP/1.1 keep-alive client on raw asyncio streams (a few µs per
-request, against ~150 µs for aiohttp's client), so the generator does not eat
-the core the server needs. `--rate R`: open loop, request i is due at
+A minimal HTTP/1.1 keep-alive client on raw asyncio streams (no HTTP library
+on the client side), so the generator takes as little as possible of the two
+cores the server shares with it. `--rate R`: open loop, request i is due at
 t0 + i/R and its latency counts from that due time, so a stalled server shows
 up in the figures instead of slowing the generator down (no coordinated
 omission). `--max`: closed loop, C connections asking back to back. Visitors
