@@ -72,6 +72,9 @@ bench: setup
 	$(PY) bench/stream_throughput.py
 	$(PY) bench/collector_throughput.py
 	$(PY) bench/replay_throughput.py
+	$(PY) bench/freshness.py
+	$(PY) bench/serve_latency.py
+	$(PY) bench/serve_latency.py --pause-redis
 
 infra-start: setup
 	.venv/bin/clickloop infra start
