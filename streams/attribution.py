@@ -14,7 +14,7 @@ from __future__ import annotations
 import faust
 import orjson
 
-from services.settings import Settings
+from services.settings import Settings, SettingsError
 from streams import topics
 from streams.app import now
 from streams.attribution_core import AttributionConfig, PartitionAttribution, decode_exposure
@@ -30,7 +30,14 @@ MAX_CHECKPOINT_MS = 250
 
 
 def config(settings: Settings) -> AttributionConfig:
-    return AttributionConfig(window_ms=settings.attribution_window_s * 1000)
+    if settings.attribution_retention_s <= settings.attribution_window_s + settings.attribution_lateness_s:
+        raise SettingsError(
+            f"CLICKLOOP_ATTRIBUTION_RETENTION_S={settings.attribution_retention_s} must exceed "
+            f"CLICKLOOP_ATTRIBUTION_WINDOW_S + CLICKLOOP_ATTRIBUTION_LATENESS_S "
+            f"({settings.attribution_window_s} + {settings.attribution_lateness_s})")
+    return AttributionConfig(window_ms=settings.attribution_window_s * 1000,
+                             lateness_ms=settings.attribution_lateness_s * 1000,
+                             retention_ms=settings.attribution_retention_s * 1000)
 
 
 def restore(cfg: AttributionConfig, entries: dict[bytes, bytes]) -> PartitionAttribution:

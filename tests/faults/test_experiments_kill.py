@@ -57,11 +57,9 @@ async def test_sigkill_of_either_worker_neither_loses_nor_doubles_a_reward(setti
         """Rewards in the latest committed snapshot of each experiment."""
         return sum(sum(s["exposures"]) for s in {s["experiment"]: s for s in values}.values())
 
-    async def kill_after_progress(processor: str, progress: Committed, done_at: int,
-                                  done=len) -> None:
-        """Start the worker, wait until this run committed something, SIGKILL it soon after."""
-        before = await progress.count()
-        proc = workers.start(processor)
+    async def kill_after_progress(processor: str, proc, progress: Committed, before: int,
+                                  done_at: int, done=len) -> None:
+        """Wait until this run of the worker committed something, SIGKILL it soon after."""
         deadline = time.monotonic() + 60
         while await progress.count() == before:
             assert proc.poll() is None, workers.logs()
@@ -75,14 +73,15 @@ async def test_sigkill_of_either_worker_neither_loses_nor_doubles_a_reward(setti
         assert done(progress.values) < done_at, f"{processor} killed after its work was done: use more data"
 
     try:
-        # Attribution first, killed three times while rewards flow; the bandits worker is
-        # killed three times while it folds them (attribution running beside it).
+        # Both workers run side by side, each killed three times mid-stream: the bandits
+        # worker while rewards still arrive, so it cannot have finished its input.
         for _ in range(3):
-            await kill_after_progress("attribution", rewards, len(expected))
-        attribution = workers.start("attribution")
-        for _ in range(3):
-            await kill_after_progress("bandits", snapshots, len(expected), folded)
-        assert attribution.poll() is None, workers.logs()
+            before = (await rewards.count(), await snapshots.count())
+            attribution = workers.start("attribution")
+            bandits = workers.start("bandits")
+            await kill_after_progress("attribution", attribution, rewards, before[0], len(expected))
+            await kill_after_progress("bandits", bandits, snapshots, before[1], len(expected), folded)
+        workers.start("attribution")
         workers.start("bandits")
         deadline = time.monotonic() + 120
         while await rewards.count() < len(expected) and time.monotonic() < deadline:
