@@ -88,6 +88,10 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     @app.timer(TICK_S)
     async def tick() -> None:
         async with state.lock:
+            if state.assigned - state.partitions.keys():
+                # Restored rewards not yet in a snapshot are published without waiting
+                # for the partition's next reward (opening one opens all assigned).
+                await state.partition(min(state.assigned - state.partitions.keys()))
             t = now()
             for txn in list(state.partitions.values()):
                 await publish(txn, txn.state, t)
