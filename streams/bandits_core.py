@@ -114,7 +114,8 @@ def snapshot(experiment: str, post: ExperimentPosterior, version: int, draws: in
             "alpha": alpha, "beta": beta, "exposures": [post.arms[a][0] for a in names],
             "clicks": [post.arms[a][1] for a in names], "prob_best": list(state.prob_best),
             "champion": names[state.champion], "value_remaining": state.value_remaining,
-            "stop": state.stop and len(names) >= MIN_ARMS_TO_STOP, "draws": state.draws, "seed": seed, "as_of": post.as_of,
+            "stop": state.stop and len(names) >= MIN_ARMS_TO_STOP, "draws": state.draws,
+            "seed": seed, "as_of": post.as_of,
             "daily": {day: {arm: {"exposures": n, "clicks": c} for arm, (n, c) in sorted(arms.items())}
                       for day, arms in sorted(post.daily.items())}}
 

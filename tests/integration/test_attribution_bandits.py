@@ -10,7 +10,6 @@ import time
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from bench._common import produce
 from services.demo import partition_of
@@ -172,7 +171,8 @@ async def test_rewards_and_posteriors_equal_the_offline_recomputation(settings, 
     assert "not an Exposure" in dlq[0]["error"]
     rdlq = await read_topic(settings.kafka_bootstrap, settings.topic(topics.REWARDS_DLQ),
                             lambda v: len(v) >= 1)
-    assert rdlq[0]["position"] == f"{settings.topic(topics.REWARDS)}[0]@0" and "not a Reward" in rdlq[0]["error"]
+    assert rdlq[0]["position"] == f"{settings.topic(topics.REWARDS)}[0]@0"
+    assert "not a Reward" in rdlq[0]["error"]
 
     # A burst of clicked exposures: how long from Kafka to a committed snapshot.
     # (after the closing ticks: an exposure whose window the click watermark has passed
@@ -188,8 +188,8 @@ async def test_rewards_and_posteriors_equal_the_offline_recomputation(settings, 
     await produce(settings, settings.topic(topics.EXPOSURES),
                   [(partition_of(x["visitor"], 2), x["visitor"].encode(), orjson.dumps(x)) for x in burst])
     await produce(settings, settings.topic(topics.CLICKS),
-                  [(partition_of(c["user_id"], 2), c["user_id"].encode(), orjson.dumps({"v": 1, "events": [c]}))
-                   for c in clicks])
+                  [(partition_of(c["user_id"], 2), c["user_id"].encode(),
+                    orjson.dumps({"v": 1, "events": [c]})) for c in clicks])
     snaps = await latest_posteriors(settings, {"exp-a": before + 50}, timeout_s=30)
     elapsed = time.monotonic() - t0
     snap = snaps["latest"]["exp-a"]
@@ -209,8 +209,8 @@ async def test_rewards_folded_but_not_yet_published_are_published_after_a_crash(
     workers.settings = settings
     await topics.ensure_topics(settings)
     ts = int(time.time() * 1000)
-    rewards = [{"v": 1, "request_id": f"r{n}", "experiment": "exp-a", "arm": "popular" if n % 2 else "personal",
-                "visitor": "v", "reward": int(n % 3 == 0), "exposure_ts": ts, "reward_ts": ts + n,
+    rewards = [{"v": 1, "request_id": f"r{n}", "experiment": "exp-a",
+                "arm": "popular" if n % 2 else "personal", "visitor": "v", "reward": int(n % 3 == 0), "exposure_ts": ts, "reward_ts": ts + n,
                 "item": None, "position": None} for n in range(11)]
     record = lambda r: (0, b"exp-a", orjson.dumps(r))  # noqa: E731
     proc = workers.start("bandits")
