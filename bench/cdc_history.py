@@ -124,6 +124,9 @@ def worker(settings, n: int, timeout_s: float, profile: str | None) -> float:
             tail = (tail + [line])[-20:]
             match = PROGRESS.search(line)
             if match and int(match.group(1)) >= n:
+                # Folded, not yet committed: let the next checkpoint commit it (the
+                # lookups below read committed rows; under py-spy SIGINT is not graceful).
+                time.sleep(2 * settings.checkpoint_ms / 1000 + 1)
                 return int(match.group(1)) / float(match.group(2))
             if time.monotonic() > deadline:
                 break
