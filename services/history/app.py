@@ -22,7 +22,7 @@ def make_app(settings: Settings) -> web.Application:
 def main() -> None:
     parser = argparse.ArgumentParser(description="history query routes on their own")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8083)
+    parser.add_argument("--port", type=int, default=8084)  # 8083: Kafka Connect
     args = parser.parse_args()
     settings = Settings.from_env()
     print(f"[history] listening on http://{args.host}:{args.port}", flush=True)
