@@ -4,8 +4,14 @@ Written by the recommender from a background producer (never awaited on the
 request path); read by attribution and bandits (issue 6) and the archive.
 `items` are what the client was shown, best first, with their 0-based
 positions and the scores they were ranked by. `experiment` and `arm` are null
-until the response was served inside an experiment. Times are epoch
-milliseconds, UTC.
+unless the response was served inside an experiment. For a bandit arm
+(thompson, epsilon_greedy) `posterior_version`, `seed` and `draw` record the
+decision so it replays: the snapshot of that version on `bandit.posteriors`
+(version 0: no snapshot yet, every arm Beta(1, 1)), the sampler's seed and the
+decision's index (services/recommender/experiments.py); null for A/B arms
+(the hash decides) and outside experiments. These three fields were added in
+issue 6 without a version bump: they are additive, and records written before
+them (no such keys) read as null. Times are epoch milliseconds, UTC.
 """
 from __future__ import annotations
 
@@ -44,3 +50,6 @@ class Exposure(TypedDict):
     source: Source
     experiment: str | None      # issue 6
     arm: str | None
+    posterior_version: int | None   # bandit arms: the snapshot version decided on
+    seed: int | None                # bandit arms: the sampler's seed
+    draw: int | None                # bandit arms: the decision's index for that seed

@@ -128,6 +128,8 @@ class Settings:
     attribution_lateness_s: int = _env("CLICKLOOP_ATTRIBUTION_LATENESS_S", 0, default=60)
     attribution_retention_s: int = _env("CLICKLOOP_ATTRIBUTION_RETENTION_S", 1, default=6 * 3600)
     bandit_sticky_s: int = _env("CLICKLOOP_BANDIT_STICKY_S", 0, default=3600)
+    # The recommender's surface: it applies the running experiment on this surface.
+    recommender_surface: str = _env("CLICKLOOP_RECOMMENDER_SURFACE", default="home.recommendations")
     experiments_host: str = _env("CLICKLOOP_EXPERIMENTS_HOST", default="127.0.0.1")
     experiments_port: int = _env("CLICKLOOP_EXPERIMENTS_PORT", 0, default=8082)
     # CDC history (issue 7, streams/cdc_history.py): the Debezium table topics to

@@ -1,9 +1,12 @@
-"""Recommender HTTP service: `GET /v1/recommendations`, `GET /health`, `GET /metrics`.
+"""Recommender HTTP service: `GET /v1/recommendations`, `GET /v1/experiments`, `GET /health`,
+`GET /metrics`.
 
 The handler has the shape of every clickloop handler: parse (`request.py`),
 call the flow (`service.Recommender.recommend`: features, model, budget,
 breakers, fallback), answer, then queue the exposure and maybe the shadow
-scoring, neither awaited. A bad query is a 400 with the reason; a dependency
+scoring, neither awaited. `GET /v1/experiments` shows, read-only, the
+experiments the allocation holds (running on the surface, posterior version,
+sampler seed, the snapshots' counts). A bad query is a 400 with the reason; a dependency
 failure is never a 5xx: it is a `fallback` answer with its `reason`.
 
 BLAS is held to one thread for the whole process: numpy's matrix-vector
@@ -47,13 +50,15 @@ def _request_id(request: web.Request) -> str:
 
 
 def body_of(request_id: str, visitor: str, answer: Answer, took_ms: float) -> bytes:
-    r, m, p = answer.ranking, answer.model, answer.profile
+    r, m, p, a = answer.ranking, answer.model, answer.profile, answer.assignment
     return orjson.dumps({
         "request_id": request_id, "visitor": visitor, "path": r.path, "reason": answer.reason,
         "source": answer.source, "model": m.name if m else None,
         "model_version": m.version if m else None,
         "items": [{"item_id": i, "score": s} for i, s in zip(r.items, r.scores)],
-        "features": p.status if p is not None else None, "took_ms": round(took_ms, 3)})
+        "features": p.status if p is not None else None,
+        "experiment": a.experiment if a is not None else None,
+        "arm": a.arm if a is not None else None, "took_ms": round(took_ms, 3)})
 
 
 async def recommendations(request: web.Request) -> web.Response:
@@ -82,6 +87,11 @@ async def recommendations(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[RECOMMENDER].health()), content_type=_JSON)
+
+
+async def experiments(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(request.app[RECOMMENDER].experiments.describe()),
+                        content_type=_JSON)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -138,6 +148,7 @@ def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/v1/recommendations", recommendations)
+    app.router.add_get("/v1/experiments", experiments)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app

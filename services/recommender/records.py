@@ -2,8 +2,8 @@
 
 One `exposures` record per response (schemas/exposures.py), keyed by visitor,
 so attribution and bandits (issue 6) see every item shown, at which position,
-by which model version and path. `experiment` and `arm` are present as null
-until experiments exist. One `shadow` record per sampled request
+by which model version and path, and in which experiment arm (null outside
+experiments; see experiments.py). One `shadow` record per sampled request
 (schemas/shadow.py): both rankings of the same request, the served one and the
 shadow model's, for offline comparison.
 """
@@ -27,13 +27,16 @@ def exposed_items(items: Sequence[str], scores: Sequence[float]) -> list[Exposed
 def exposure(request_id: str, ts: int, query: Query, items: Sequence[str], scores: Sequence[float],
              path: str, reason: str | None, source: str, model: str | None,
              model_version: str | None, experiment: str | None = None,
-             arm: str | None = None) -> Exposure:
-    """The exposure of one response."""
+             arm: str | None = None, posterior_version: int | None = None,
+             seed: int | None = None, draw: int | None = None) -> Exposure:
+    """The exposure of one response (experiment and arm when in an experiment; for a
+    bandit arm also the posterior version, sampler seed and draw index that replay it)."""
     return {"v": EXPOSURE_VERSION, "request_id": request_id, "ts": ts, "visitor": query.visitor,
             "user_id": query.user_id, "anonymous_id": query.anonymous_id, "k": query.k,
             "items": exposed_items(items, scores), "model": model,
             "model_version": model_version, "path": path, "reason": reason, "source": source,
-            "experiment": experiment, "arm": arm}
+            "experiment": experiment, "arm": arm, "posterior_version": posterior_version,
+            "seed": seed, "draw": draw}
 
 
 def ranking(model: str | None, version: str | None, path: str, items: Sequence[str],

@@ -14,6 +14,14 @@ For one request (`recommend`):
    model's training popularity when that list is empty: never an error.
 The exposure is queued (not awaited) and the shadow model, for sampled
 requests, scores on a later turn of the event loop, after the answer left.
+
+Before all of that, from memory only, the request's experiment arm
+(`experiments.Allocation.decide`: the running experiment on the surface, A/B
+by hash, bandits on the latest posterior held). Arm `popular` is served the
+popular list (path `fallback`, reason null, source `popular`, or `prior`
+when that list is empty); any other arm the normal flow above. A request in
+an arm whose flow fails is still logged in that arm (with the fallback's
+reason): assignment, not treatment received, is what the exposure records.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import redis.asyncio as aioredis
 from services.recommender import records
 from services.recommender.breaker import BreakerConfig, CircuitBreaker
 from services.recommender.cache import TTLCache
+from services.recommender.experiments import Allocation, Assignment, ExperimentFeed
 from services.recommender.feature_client import FeatureClient, RespError
 from services.recommender.metrics import Metrics
 from services.recommender.models import ModelWatcher, ServedModel
@@ -41,6 +50,8 @@ from streams import topics
 
 log = logging.getLogger("clickloop.recommender")
 MEMO_PER_PROFILE = 8   # rankings memoized on a cached profile (model version, k, exclude_seen)
+POPULAR_ARM = "popular"   # the arm served the popular list; every other arm the model
+EXPERIMENTS_WAIT_S = 10.0
 
 
 def _mono_ms() -> int:
@@ -56,6 +67,7 @@ class Answer:
     reason: str | None           # why a fallback
     model: ServedModel | None
     profile: Profile | None
+    assignment: Assignment | None = None   # the experiment arm, None outside experiments
 
 
 def breaker_config(settings: Settings) -> BreakerConfig:
@@ -108,6 +120,8 @@ class Recommender:
         self.exposures = TopicLog(settings, settings.topic(topics.EXPOSURES))
         self.shadow_log = TopicLog(settings, settings.topic(topics.SHADOW))
         self.user_prefix = settings.redis_key("user", "")
+        self.allocation = Allocation(settings.recommender_surface, settings.bandit_sticky_s * 1000)
+        self.experiments = ExperimentFeed(settings, self.allocation)
         self.topk_prefix = settings.redis_key("topk", "")
 
     def _model_event(self, name: str, outcome: str) -> None:
@@ -137,9 +151,11 @@ class Recommender:
         if s.shadow_fraction > 0:
             self.shadow_log.start()
         await self.popular.start()
-        await self.watcher.start(model_wait_s)
+        await asyncio.gather(self.watcher.start(model_wait_s),
+                             self.experiments.start(min(model_wait_s, EXPERIMENTS_WAIT_S)))
 
     async def stop(self) -> None:
+        await self.experiments.stop()
         await self.watcher.stop()
         if self.popular is not None:
             await self.popular.stop()
@@ -192,6 +208,19 @@ class Recommender:
 
     async def recommend(self, query: Query) -> Answer:
         start = _mono_ms()
+        assignment = self.allocation.decide(query, start) if self.allocation.live else None
+        if assignment is None:
+            return await self._serve(query, start)
+        if assignment.arm == POPULAR_ARM:
+            profile, reason = await self._fetch(query.visitor, start)
+            answer = self._fallback(query, reason, self.watcher.current.get(self.settings.model_name),
+                                    profile)  # type: ignore[arg-type]
+        else:
+            answer = await self._serve(query, start)
+        answer.assignment = assignment
+        return answer
+
+    async def _serve(self, query: Query, start: int) -> Answer:
         profile, reason = await self._fetch(query.visitor, start)
         model = self.watcher.current.get(self.settings.model_name)
         if profile is None:
@@ -216,10 +245,12 @@ class Recommender:
 
     # -- after the answer -----------------------------------------------------
     def log_exposure(self, request_id: str, ts: int, query: Query, answer: Answer) -> None:
-        m = answer.model
+        m, a = answer.model, answer.assignment
         record = records.exposure(request_id, ts, query, answer.ranking.items, answer.ranking.scores,
                                   answer.ranking.path, answer.reason, answer.source,
-                                  m.name if m else None, m.version if m else None)
+                                  m.name if m else None, m.version if m else None,
+                                  *((a.experiment, a.arm, a.posterior_version, a.seed, a.draw)
+                                    if a is not None else ()))
         self.exposures.log(query.visitor.encode(), orjson.dumps(record))
 
     def maybe_shadow(self, request_id: str, ts: int, query: Query, answer: Answer) -> None:
@@ -268,7 +299,11 @@ class Recommender:
                           "misses": self.cache.misses},
                 "exposures": {"sent": self.exposures.sent, "dropped": self.exposures.dropped,
                               "buffered": len(self.exposures.buffer),
-                              "kafka_ready": self.exposures.ready}}
+                              "kafka_ready": self.exposures.ready},
+                "experiments": {"surface": self.allocation.surface,
+                                "caught_up": self.experiments.caught_up.is_set(),
+                                "running": [e.id for e in self.allocation.live],
+                                "error": self.experiments.last_error}}
 
     def refresh_metrics(self) -> None:
         m, now = self.metrics, _mono_ms()
