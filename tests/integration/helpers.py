@@ -59,3 +59,28 @@ def offline_sessions(records, cfg) -> list[dict]:
         part = parts.setdefault(partition, PartitionSessions(cfg))
         closed += part.process_record(value, offset + 1).closed
     return closed
+
+
+def debezium_changes(changes, table: str = "subscriptions", lsn0: int = 40_000_000) -> list[tuple]:
+    """Kafka records (key, value, headers) of Debezium PostgreSQL change events, as a
+    connector with `schemas.enable=false` writes them, for `changes`: (op, id, row, ts_ms)
+    with op c/u/r (row: the new image) or d (row ignored; `before` is the last image,
+    a tombstone follows). Positions increase in list order."""
+    last: dict = {}
+    out: list[tuple] = []
+    for i, (op, pk, row, ts_ms) in enumerate(changes):
+        lsn = lsn0 + 64 * (i + 1)
+        before, after = (last.get(pk), None) if op == "d" else (last.get(pk) if op == "u" else None, row)
+        source = {"version": "3.6.1.Final", "connector": "postgresql", "name": "it", "ts_ms": ts_ms,
+                  "snapshot": "true" if op == "r" else "false", "db": "it",
+                  "sequence": f'[null,"{lsn}"]' if op == "r" else f'["{lsn - 8}","{lsn}"]',
+                  "schema": "public", "table": table, "txId": lsn // 16, "lsn": lsn, "xmin": None}
+        key = orjson.dumps({"id": pk})
+        out.append((key, orjson.dumps({"before": before, "after": after, "source": source, "op": op,
+                                       "ts_ms": ts_ms + 5, "transaction": None}), []))
+        if op == "d":
+            last.pop(pk, None)
+            out.append((key, None, []))
+        else:
+            last[pk] = row
+    return out

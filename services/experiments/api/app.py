@@ -6,6 +6,7 @@
   GET  /v1/experiments[?status=&surface=]
   GET  /v1/experiments/{id}
   GET  /v1/experiments/{id}/results[?alpha=&power=&mde=&seed=&draws=]
+  GET  /v1/history/{table}/{key}[?as_of=]   CDC history (services/history/routes.py)
   GET  /openapi.json, /health, /metrics
   GET  /  and  /experiments/{id}     the dashboard (static HTML + JS drawing SVG)
 
@@ -32,6 +33,7 @@ from services.experiments.api.store import Conflict, ExperimentStore, Unavailabl
 from services.experiments.bayesian import UNIFORM
 from services.experiments.report import parse_mde
 from services.experiments.results import SnapshotError, read_snapshot, results
+from services.history import routes as history_routes
 from schemas.experiments import SCHEMA_VERSION, Experiment
 from services.settings import Settings
 
@@ -229,8 +231,37 @@ async def get_results(request: web.Request) -> web.Response:
     return _json(body)
 
 
+_TEXT = {"type": "string"}
+_OBJECT = {"type": "object"}
+# The history routes mounted from services/history/routes.py (their own module
+# documents the answers); listed here so that the document covers every route.
+HISTORY_PATHS = {
+    "/v1/history": {"get": {
+        "operationId": "historyTables", "summary": "CDC history tables held, keys and rows each",
+        "responses": {"200": {"description": "tables, rows, caught_up, topics",
+                              "content": {_JSON: {"schema": _OBJECT}}}}}},
+    "/v1/history/{table}/{key}": {"get": {
+        "operationId": "getHistory",
+        "summary": "a row's SCD2 history (history.<table>), or its version at as_of",
+        "parameters": [
+            {"name": "table", "in": "path", "required": True, "schema": _TEXT,
+             "description": "the history topic's suffix (subscriptions for history.subscriptions)"},
+            {"name": "key", "in": "path", "required": True, "schema": _TEXT,
+             "description": "the row's key_id (a one-column key's value, else compact JSON)"},
+            {"name": "as_of", "in": "query", "required": False, "schema": _TEXT,
+             "description": "ISO-8601 time (naive: UTC) or epoch milliseconds"}],
+        "responses": {
+            "200": {"description": "versions (full history) or version (as_of)",
+                    "content": {_JSON: {"schema": _OBJECT}}},
+            "400": {"description": "as_of does not parse", "content": {_JSON: {"schema": _OBJECT}}},
+            "404": {"description": "unknown table or key, no version or deleted at as_of",
+                    "content": {_JSON: {"schema": _OBJECT}}}}}},
+}
+
+
 async def openapi(request: web.Request) -> web.Response:
-    return _json(document())
+    doc = document()
+    return _json({**doc, "paths": {**doc["paths"], **HISTORY_PATHS}})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -291,4 +322,6 @@ def make_app(settings: Settings) -> web.Application:
     r.add_get("/", _page("index.html"))
     r.add_get("/experiments/{id}", _page("experiment.html"))
     r.add_static("/static/", STATIC)
+    # CDC history lookups (issue 7): their consumer of history.* starts and stops with the app.
+    history_routes.add_routes(app, settings)
     return app
