@@ -22,6 +22,12 @@ text keeps one fixed schema and every value exactly; DuckDB (`->>`), Spark
 value types the schema fixes (`counts`, `utm`, `items`) are typed Arrow maps and
 lists, queryable without parsing.
 
+`history.<table>` topics (schemas/history.py) share one schema, `HISTORY`, under
+each topic's own name: `row` and `key` are JSON text (a captured table's columns
+vary by table and change when a column is added), `position` a list of integers,
+the times timestamps; hour folders follow `valid_from`, so the revisions of a
+version land in the same folder.
+
 A column holds null both for a key that was absent and for a key whose value was
 null. A replay from the archive (streams/archive_records.py) writes a null back
 as `"key": null` when the key is in `null_keys`, or in `null_keys_by_type` for
@@ -31,11 +37,12 @@ the row's `type`, and leaves the key out otherwise: the topic's own rule
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Mapping
 
 import pyarrow as pa
 
-from schemas import clicks, sessions
+from schemas import clicks, history, sessions
 
 SCHEMA_VERSION = 1
 
@@ -131,5 +138,60 @@ SESSIONS = ArchiveSchema(
     key="visitor",              # the sessionizer keys a session by its visitor
 )
 
-# Topic -> how it is archived. A topic is archived only once it has an entry here.
-SCHEMAS: dict[str, ArchiveSchema] = {s.topic: s for s in (CLICKS, SESSIONS)}
+HISTORY_PREFIX = "history."
+
+
+@cache
+def history_schema(topic: str) -> ArchiveSchema:
+    """How a `history.<table>` topic is archived (the same columns for every table)."""
+    return ArchiveSchema(
+        topic=topic,
+        schema=pa.schema([
+            ("v", pa.int32()),
+            ("table", pa.string()),
+            ("key", pa.string()),
+            ("key_id", pa.string()),
+            ("position", pa.list_(pa.int64())),
+            ("source_position", pa.string()),
+            ("tx_id", pa.string()),
+            ("op", pa.string()),
+            ("ts_ms", TIMESTAMP),
+            ("valid_from", TIMESTAMP),
+            ("valid_to", TIMESTAMP),
+            ("is_current", pa.bool_()),
+            ("is_deleted", pa.bool_()),
+            ("is_retracted", pa.bool_()),
+            ("row", pa.string()),
+            ("moved_from", pa.string()),
+            ("moved_to", pa.string()),
+            ("revision", pa.int64()),
+            *_source(envelope=False),
+        ], metadata={"clickloop.topic": topic, "clickloop.schema_version": str(SCHEMA_VERSION)}),
+        event_time="valid_from",
+        envelope=False,
+        json_fields=frozenset({"key", "row"}),
+        null_keys=frozenset(history.HistoryRow.__annotations__),  # every key always written
+        key="key_id",           # the cdc_history worker keys a version by its key_id
+    )
+
+
+class _Schemas(dict):
+    """The fixed topics' schemas, and `history_schema` for any `history.<table>` name
+    (`SCHEMAS[name]`, `SCHEMAS.get(name)`); iterating lists the fixed ones."""
+
+    def __missing__(self, topic: str) -> ArchiveSchema:
+        table = topic[len(HISTORY_PREFIX):] if topic.startswith(HISTORY_PREFIX) else ""
+        if not table or "." in table:
+            raise KeyError(topic)
+        return history_schema(topic)
+
+    def get(self, topic: str, default=None):
+        try:
+            return self[topic]
+        except KeyError:
+            return default
+
+
+# Topic -> how it is archived. A topic is archived only once it has an entry here
+# (or is a `history.<table>` topic).
+SCHEMAS: dict[str, ArchiveSchema] = _Schemas({s.topic: s for s in (CLICKS, SESSIONS)})
