@@ -66,6 +66,7 @@ log = logging.getLogger("clickloop.recommender.experiments")
 STICKY_CAPACITY = 100_000
 BLOCK = 256
 BANDIT_KINDS = frozenset({"thompson", "epsilon_greedy"})
+KEPT = ("experiment", "version", "arms", "alpha", "beta", "exposures", "clicks")  # of a snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +313,8 @@ class ExperimentFeed:
                 continue
             have = self.posteriors.get(snap["experiment"])
             if have is None or snap["version"] > have["version"]:
-                self.posteriors[snap["experiment"]] = snap
+                # what allocation and /v1/experiments use (not `daily`, which only grows)
+                self.posteriors[snap["experiment"]] = {k: snap.get(k) for k in KEPT}
                 changed = True
         return changed
 

@@ -133,3 +133,46 @@ async def test_posterior_snapshot_moves_a_thompson_allocation(settings):
     assert {by_id[b["request_id"]]["posterior_version"] for b in prior} == {0}
     assert {by_id[b["request_id"]]["posterior_version"] for b in after} == {1}
     await redis.aclose()
+
+
+async def test_the_loop_closes_clicks_move_the_allocation(settings, workers):
+    """exposures (recommender) + clicks -> attribution -> rewards -> bandits ->
+    bandit.posteriors -> the recommender's allocation, all real processes but the app."""
+    from tests.integration.test_attribution_bandits import click_event
+
+    s = tuned(settings, bandit_sticky_s=0)
+    redis = aioredis.from_url(s.redis_url)
+    await seed(s, redis, n_items=100)
+    await topics.ensure_topics(s, (topics.CLICKS, topics.EXPOSURES, topics.REWARDS))
+    await produce(s, topics.EXPERIMENTS, "home-loop", experiment("home-loop", "thompson"))
+    workers.start("attribution")
+    workers.start("bandits")
+    async with TestClient(TestServer(make_app(s))) as client:
+        first = [(await get(client, user_id=f"loop-{i}", k=3))[1] for i in range(60)]
+        clicked = [b for b in first if b["arm"] == "personalized" and b["items"]]
+        assert len(clicked) >= 15, Counter(b["arm"] for b in first)
+        ts = int(time.time() * 1000)
+        events = [click_event(b["visitor"], ts + n, b["items"][0]["item_id"], "Product Clicked", n)
+                  for n, b in enumerate(clicked)]
+        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(s.topic(topics.CLICKS),
+                                         orjson.dumps({"v": 1, "events": events}), partition=0)
+        finally:
+            await producer.stop()
+
+        def reflected(h) -> bool:
+            post = h["posteriors"].get("home-loop")
+            return bool(post and h["running"]) and post["clicks"] == [len(clicked)] \
+                and h["running"][0]["posterior_version"] == post["version"]
+
+        state = await eventually(lambda: held(client), reflected, timeout_s=60,
+                                 what=f"{len(clicked)} clicks in the allocation\n{workers.logs()}")
+        post = state["posteriors"]["home-loop"]
+        assert post["arms"] == ["personalized"], "no popular reward yet: its windows are open"
+        assert state["running"][0]["alpha"] == [1.0, 1.0 + len(clicked)]
+        after = [(await get(client, user_id=f"after-{i}", k=3))[1] for i in range(100)]
+        # Beta(1 + n, 1) against Beta(1, 1): personalized wins with P = (n + 1) / (n + 2)
+        assert Counter(b["arm"] for b in after)["personalized"] >= 80
+    await redis.aclose()
