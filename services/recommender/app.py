@@ -81,6 +81,8 @@ async def recommendations(request: web.Request) -> web.Response:
     metrics.source[answer.source].inc()
     if answer.reason is not None:
         metrics.fallback[answer.reason].inc()
+    if answer.assignment is not None:
+        metrics.arm(answer.assignment.experiment, answer.assignment.arm).inc()
     metrics.latency.observe(took)
     return web.Response(body=body, content_type=_JSON)
 

@@ -68,8 +68,22 @@ class Metrics:
         self.gc_pause = Histogram(f"{ns}_gc_pause_seconds", "Python garbage collector pauses",
                                   ["generation"], buckets=(.0005, .001, .002, .005, .01, .02, .05, .1),
                                   registry=r)
+        arm = Counter(f"{ns}_experiment_responses", "Answers inside an experiment, by arm",
+                      ["experiment", "arm"], registry=r)
+        self._arms: dict[tuple[str, str], object] = {}
+        self._arm_counter = arm
+        self.posterior_version = Gauge(f"{ns}_experiment_posterior_version", "Posterior snapshot "
+                                       "version a bandit allocation draws from (0: the prior)",
+                                       ["experiment"], registry=r)
         self.shadow_skipped = Counter(f"{ns}_shadow_skipped", "Sampled requests not shadow-scored "
                                       "(no shadow model or no features)", registry=r)
+
+    def arm(self, experiment: str, arm: str):
+        """The counter child of one experiment arm (cached: `labels` is slower per request)."""
+        child = self._arms.get((experiment, arm))
+        if child is None:
+            child = self._arms[(experiment, arm)] = self._arm_counter.labels(experiment, arm)
+        return child
 
     def catch_up(self, counter: Counter, label: str, total: int) -> None:
         """Move a counter up to a total its owner keeps (read at scrape time)."""

@@ -317,6 +317,10 @@ class Recommender:
         for role, name in (("served", self.settings.model_name), ("shadow", self.settings.shadow_model)):
             if name and (model := self.watcher.current.get(name)) is not None:
                 m.model_info.labels(role, model.name, model.version).set(1)
+        m.posterior_version.clear()
+        for e in self.allocation.live:
+            if e.version is not None:
+                m.posterior_version.labels(e.id).set(e.version)
         if self.popular is not None:
             m.popular_items.set(len(self.popular.items))
             age = self.popular.age_ms()

@@ -86,6 +86,10 @@ async def test_ab_experiment_arms_behaviour_and_exposures(settings):
         assert again["arm"] == responses[5]["arm"]
         health = await (await client.get("/health")).json()
         assert health["experiments"]["running"] == ["home-ab"]
+        text = await (await client.get("/metrics")).text()
+        for arm, n in Counter(b["arm"] for b in responses + [again]).items():
+            assert (f'clickloop_recommender_experiment_responses_total{{arm="{arm}",'
+                    f'experiment="home-ab"}} {float(n)}') in text
     everything = responses + [outside, again]
     got = await records_of(s, topics.EXPOSURES, lambda rs: len(rs) >= len(everything))
     validate = fastjsonschema.compile(json_schema("exposures"))
@@ -118,6 +122,8 @@ async def test_posterior_snapshot_moves_a_thompson_allocation(settings):
                          lambda h: h["running"] and h["running"][0]["posterior_version"] == 1,
                          what="snapshot version 1 held")
         after = [(await get(client, user_id=f"q-{i}", k=3))[1] for i in range(120)]
+        text = await (await client.get("/metrics")).text()
+        assert 'clickloop_recommender_experiment_posterior_version{experiment="home-ts"} 1.0' in text
         # Beta(900, 100) (~0.9) against the absent popular arm's Beta(1, 1): P(popular) = 0.1
         share = Counter(b["arm"] for b in after)["personalized"] / len(after)
         assert share > 0.8, share
