@@ -75,6 +75,8 @@ bench: setup
 	$(PY) bench/freshness.py
 	$(PY) bench/serve_latency.py
 	$(PY) bench/serve_latency.py --pause-redis
+	$(PY) bench/bandit.py
+	$(PY) bench/cdc_history.py
 
 infra-start: setup
 	.venv/bin/clickloop infra start
