@@ -138,6 +138,15 @@ class Settings:
     # up while running). Events held per key to place late ones.
     cdc_topics: tuple[str, ...] = _env("CLICKLOOP_CDC_TOPICS", default=(r"cdc\..*",))
     history_max_versions: int = _env("CLICKLOOP_HISTORY_MAX_VERSIONS", 1, default=16)
+    # Features from CDC history (issue 7, streams/subscription_features.py): the captured
+    # table whose `history.<table>` the features worker folds into the `subscription`
+    # group of `user:<id>`, the columns naming the user and the status, and
+    # the status values that mean subscribed.
+    subscriptions_table: str = _env("CLICKLOOP_SUBSCRIPTIONS_TABLE", default="subscriptions")
+    subscriptions_user_column: str = _env("CLICKLOOP_SUBSCRIPTIONS_USER_COLUMN", default="user_id")
+    subscriptions_status_column: str = _env("CLICKLOOP_SUBSCRIPTIONS_STATUS_COLUMN", default="status")
+    subscriptions_active: tuple[str, ...] = _env("CLICKLOOP_SUBSCRIPTIONS_ACTIVE",
+                                                 default=("active", "trialing"))
     # CDC sources (issue 7, services/infra_cdc.py, `clickloop cdc up`): PostgreSQL with
     # wal_level=logical (started locally unless PG_HOST:PG_PORT already answers) and Kafka
     # Connect standalone with the Debezium PostgreSQL connector, whose topics are
@@ -202,6 +211,9 @@ class Settings:
                                 f"CLICKLOOP_BUDGET_MS={self.budget_ms}")
         if self.breaker_error_pct > 100:
             raise SettingsError(f"CLICKLOOP_BREAKER_ERROR_PCT={self.breaker_error_pct} must be at most 100")
+        if not self.subscriptions_table or "." in self.subscriptions_table:
+            raise SettingsError(f"CLICKLOOP_SUBSCRIPTIONS_TABLE={self.subscriptions_table!r}: the "
+                                "table name as in history.<table> (no schema, no dots)")
         if not self.cdc_topics:
             raise SettingsError("CLICKLOOP_CDC_TOPICS is empty: name the Debezium topics or a pattern, "
                                 r"e.g. cdc\..* or cdc.shop.public.subscriptions")

@@ -135,6 +135,16 @@ USER = EntitySpec("user", (
                               "last_seen"), max_age_ms=DAY),
     FeatureGroup("recent", ("items",), max_age_ms=30 * DAY),
 ), ttl_ms=35 * DAY)
+# The same `user:<id>` hashes, group `subscription`, from the history of
+# CLICKLOOP_SUBSCRIPTIONS_TABLE (streams/subscription_features.py). A state, rewritten
+# only when the user's subscription rows change: its age says how long ago that was,
+# not how far behind the writer is. Declared apart from USER (same kind, TTL and
+# version; groups are independent under the write rule) because USER's readers
+# (services/recommender: metrics labels, status) expect exactly its two groups.
+USER_SUBSCRIPTION = EntitySpec("user", (
+    FeatureGroup("subscription", ("status", "days_since_subscribed", "cancellations"),
+                 max_age_ms=366 * DAY),
+), ttl_ms=USER.ttl_ms)
 ITEM = EntitySpec("item", (
     FeatureGroup("engagement", ("views_1h", "views_24h", "clicks_1h", "clicks_24h", "ctr_24h",
                                 "last_seen"), max_age_ms=2 * HOUR),

@@ -2,7 +2,7 @@
 (the only writer of the `user:`, `item:` and `popular:` hashes; layout in
 streams/feature_store.py, README "Redis layout").
 
-Two agents, each a thin loop over a pure partition state (streams/features_state.py)
+Two agents (and two for subscriptions, below), each a thin loop over a pure partition state (streams/features_state.py)
 made exactly-once by streams/txstate.py:
 
 - `features-users` reads `clicks` and `sessions` (co-partitioned by visitor, so
@@ -12,6 +12,9 @@ made exactly-once by streams/txstate.py:
 - `features-items` reads FEATURES_ITEMS: each item is counted by the one
   partition that owns it (`ItemPartition`), whatever visitor partitions its
   events came from.
+- `features-subscriptions-route` and `features-subscriptions`: the history of
+  CLICKLOOP_SUBSCRIPTIONS_TABLE, repartitioned by user, folded into the
+  `subscription` group of `user:` (streams/features_subscriptions.py).
 
 Every `features_flush_ms` the pending deltas are applied to the state at the
 partition's watermark and the changed entities (touched, or whose windows
@@ -43,6 +46,7 @@ from streams.codec import BadRecord, decode_clicks, decode_session
 from streams.dlq import dlq_record, position
 from streams.features_state import (ItemPartition, UserPartition, encode_item_deltas,
                                     group_item_deltas, session_problem)
+from streams.features_subscriptions import SubscriptionAgents
 from streams.features_writer import RedisWriter
 from streams.meter import Meter
 from streams.txstate import TransactionalState
@@ -69,6 +73,9 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     interval_s = settings.checkpoint_ms / 1000
     flush_s = settings.features_flush_ms / 1000
     writer = RedisWriter(settings)
+    # Third and fourth agents: the `subscription` group from history.<table>
+    # (streams/features_subscriptions.py); their own states, the same writer.
+    subscriptions = SubscriptionAgents(app, settings, writer)
     users = TransactionalState(
         settings.kafka_bootstrap, group=app.conf.id, changelog=changelog,
         restore=lambda entries: UserPartition.restore(entries, settings.popular_items),
@@ -248,5 +255,6 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
         async with items.lock:
             await flush_items(now())
             await items.release(list(items.partitions))
+        await subscriptions.shutdown()
         await writer.drain()
         await writer.close()

@@ -25,6 +25,9 @@ SESSIONIZE_STATE = "clickloop-sessionize-state"
 # Features worker: item deltas repartitioned by item id, and its state's changelog.
 FEATURES_ITEMS = "clickloop-features-items"
 FEATURES_STATE = "clickloop-features-state"
+# ... and the rows of history.<CLICKLOOP_SUBSCRIPTIONS_TABLE> repartitioned by user
+# (streams/features_subscriptions.py).
+FEATURES_SUBSCRIPTIONS = "clickloop-features-subscriptions"
 # Models announced by `clickloop train` (compacted, keyed by model name).
 MODELS = "models"
 # What the recommender served (one record per response), and shadow rankings.
@@ -73,7 +76,7 @@ def is_pattern(entry: str) -> bool:
 
 
 ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE,
-       FEATURES_ITEMS, FEATURES_STATE, MODELS, EXPOSURES, SHADOW,
+       FEATURES_ITEMS, FEATURES_STATE, FEATURES_SUBSCRIPTIONS, MODELS, EXPOSURES, SHADOW,
        EXPERIMENTS, EXPOSURES_DLQ, REWARDS, REWARDS_DLQ, BANDIT_POSTERIORS, ATTRIBUTION_STATE,
        BANDITS_STATE, CDC_HISTORY_STATE)
 COMPACTED = frozenset({SESSIONIZE_STATE, FEATURES_STATE, MODELS, EXPERIMENTS, BANDIT_POSTERIORS,
