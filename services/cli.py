@@ -100,6 +100,8 @@ def _up(settings: Settings) -> int:
         for name, cmd in [("sessionize", ["worker", "sessionize"]),
                           ("features", ["worker", "features"]),
                           ("archive", ["worker", "archive"]),
+                          ("attribution", ["worker", "attribution"]),
+                          ("bandits", ["worker", "bandits"]),
                           ("collector", ["serve", "collector"]),
                           ("recommender", ["serve", "recommender"]),
                           ("experiments", ["serve", "experiments"])]
