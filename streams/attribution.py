@@ -11,6 +11,8 @@ here it is only skipped and counted.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import faust
 import orjson
 
@@ -21,9 +23,8 @@ from streams.attribution_core import AttributionConfig, PartitionAttribution, de
 from streams.codec import BadRecord
 from streams.dlq import dlq_record
 from streams.meter import Meter
-from streams.txstate import TransactionalState
+from streams.txstate import TransactionalState, dump_keyed, restore_keyed
 
-META = b"\x00meta"
 # Rewards should reach the bandits quickly (README, "Performance": a reward burst
 # is visible to the recommender within 2 s), so commit at least this often.
 MAX_CHECKPOINT_MS = 250
@@ -40,16 +41,6 @@ def config(settings: Settings) -> AttributionConfig:
                              retention_ms=settings.attribution_retention_s * 1000)
 
 
-def restore(cfg: AttributionConfig, entries: dict[bytes, bytes]) -> PartitionAttribution:
-    meta = orjson.loads(entries.pop(META)) if META in entries else {}
-    part = PartitionAttribution(cfg, **meta)
-    for visitor, state in entries.items():
-        part.load(visitor.decode(), state)
-    return part
-
-
-def dump(part: PartitionAttribution) -> list[tuple[bytes, bytes | None]]:
-    return [*part.take_dirty(), (META, orjson.dumps(part.meta()))]
 
 
 def build(app: faust.App, settings: Settings, meter: Meter) -> None:
@@ -63,7 +54,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     state = TransactionalState(
         settings.kafka_bootstrap, group=app.conf.id,
         changelog=settings.topic(topics.ATTRIBUTION_STATE),
-        restore=lambda entries: restore(cfg, entries), dump=dump,
+        restore=lambda entries: restore_keyed(partial(PartitionAttribution, cfg), entries), dump=dump_keyed,
         interval_s=interval_ms / 1000)
     names = {exposures_name, clicks_name}
 

@@ -13,6 +13,8 @@ Bad rewards go to `rewards.dlq` with the reason and `topic[partition]@offset`.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import faust
 import orjson
 
@@ -23,9 +25,8 @@ from streams.bandits_core import BanditsConfig, PartitionBandits, decode_reward
 from streams.codec import BadRecord
 from streams.dlq import dlq_record
 from streams.meter import Meter
-from streams.txstate import TransactionalState
+from streams.txstate import TransactionalState, dump_keyed, restore_keyed
 
-META = b"\x00meta"
 MAX_CHECKPOINT_MS = 250
 TICK_S = 0.05       # how often due snapshots are looked for when no reward arrives
 # The stop rule costs a Monte Carlo (about 3 ms for 10,000 draws of 3 arms): check it
@@ -38,16 +39,6 @@ def config(settings: Settings) -> BanditsConfig:
                          check_ms=max(CHECK_MIN_MS, settings.posterior_publish_ms // 10))
 
 
-def restore(cfg: BanditsConfig, entries: dict[bytes, bytes]) -> PartitionBandits:
-    meta = orjson.loads(entries.pop(META)) if META in entries else {}
-    part = PartitionBandits(cfg, **meta)
-    for experiment, state in entries.items():
-        part.load(experiment.decode(), state)
-    return part
-
-
-def dump(part: PartitionBandits) -> list[tuple[bytes, bytes | None]]:
-    return [*part.take_dirty(), (META, orjson.dumps(part.meta()))]
 
 
 def build(app: faust.App, settings: Settings, meter: Meter) -> None:
@@ -59,7 +50,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     state = TransactionalState(
         settings.kafka_bootstrap, group=app.conf.id,
         changelog=settings.topic(topics.BANDITS_STATE),
-        restore=lambda entries: restore(cfg, entries), dump=dump,
+        restore=lambda entries: restore_keyed(partial(PartitionBandits, cfg), entries), dump=dump_keyed,
         interval_s=interval_ms / 1000)
     urgent = [False]    # snapshots appended: commit them as soon as no commit is in flight
 

@@ -8,6 +8,8 @@ Bad records go to `clicks.dlq` with the reason and `topic[partition]@offset`.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import faust
 import orjson
 
@@ -18,9 +20,8 @@ from streams.codec import BadRecord
 from streams.dlq import dlq_record
 from streams.meter import Meter
 from streams.sessions import PartitionSessions, SessionConfig
-from streams.txstate import TransactionalState
+from streams.txstate import TransactionalState, dump_keyed, restore_keyed
 
-META = b"\x00meta"
 
 
 def config(settings: Settings) -> SessionConfig:
@@ -29,17 +30,6 @@ def config(settings: Settings) -> SessionConfig:
                          max_ms=settings.session_max_s * 1000)
 
 
-def restore(cfg: SessionConfig, entries: dict[bytes, bytes]) -> PartitionSessions:
-    meta = orjson.loads(entries.pop(META)) if META in entries else {}
-    part = PartitionSessions(cfg, **meta)
-    for visitor, state in entries.items():
-        part.load(visitor.decode(), state)
-    return part
-
-
-def dump(part: PartitionSessions) -> list[tuple[bytes, bytes | None]]:
-    """Changelog entries: the visitors changed since the last dump, and the meta entry."""
-    return [*part.take_dirty(), (META, orjson.dumps(part.meta()))]
 
 
 def build(app: faust.App, settings: Settings, meter: Meter) -> None:
@@ -51,7 +41,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     state = TransactionalState(
         settings.kafka_bootstrap, group=app.conf.id,
         changelog=settings.topic(topics.SESSIONIZE_STATE),
-        restore=lambda entries: restore(cfg, entries), dump=dump,
+        restore=lambda entries: restore_keyed(partial(PartitionSessions, cfg), entries), dump=dump_keyed,
         interval_s=settings.checkpoint_ms / 1000)
 
     @app.on_partitions_revoked.connect

@@ -35,6 +35,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streams._native import murmur2
@@ -43,6 +44,25 @@ log = logging.getLogger("clickloop.txstate")
 
 # The state's changelog entries changed since the last call (None value: deleted).
 Dump = Callable[[Any], list[tuple[bytes, bytes | None]]]
+
+META = b"\x00meta"
+
+
+def restore_keyed(make: Callable[..., Any], entries: dict[bytes, bytes]) -> Any:
+    """A keyed partition state from its changelog entries: the meta entry's fields
+    build it (`make(**meta)`), every other entry is one key's state (`load(key, bytes)`).
+    The layout of the sessionizer, attribution and bandits states."""
+    meta = orjson.loads(entries.pop(META)) if META in entries else {}
+    part = make(**meta)
+    for key, state in entries.items():
+        part.load(key.decode(), state)
+    return part
+
+
+def dump_keyed(part: Any) -> list[tuple[bytes, bytes | None]]:
+    """Changelog entries of a keyed state: the keys changed since the last dump
+    (`take_dirty`) and the meta entry."""
+    return [*part.take_dirty(), (META, orjson.dumps(part.meta()))]
 
 
 @dataclass
