@@ -34,9 +34,26 @@ def settings(infra: Settings, tmp_path: Path):
                               state_dir=tmp_path / "state")
     yield own
     # In a thread of its own: asyncio.run here would unset the session's event loop.
-    cleanup = threading.Thread(target=lambda: asyncio.run(drop_topics(own)))
+    cleanup = threading.Thread(target=lambda: asyncio.run(_cleanup(own)))
     cleanup.start()
     cleanup.join()
+
+
+async def _cleanup(own: Settings) -> None:
+    """Drop a test's topics and Redis keys: keys left behind make every later SCAN of
+    the shared Redis slower (a features test scans it many times)."""
+    import redis.asyncio as aioredis
+
+    await drop_topics(own)
+    redis = aioredis.Redis.from_url(own.redis_url)
+    try:
+        batch = [key async for key in redis.scan_iter(match=own.prefix + "*", count=1000)]
+        for i in range(0, len(batch), 1000):
+            await redis.unlink(*batch[i:i + 1000])
+    except Exception:  # noqa: BLE001 (a test that stopped Redis on purpose leaves nothing to clean)
+        pass
+    finally:
+        await redis.aclose()
 
 
 @dataclasses.dataclass

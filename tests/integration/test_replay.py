@@ -43,7 +43,7 @@ async def features_snapshot(settings) -> dict:
     try:
         out: dict[str, dict] = {"user": {}, "item": {}, "popular": {}}
         for kind in out:
-            async for key in redis.scan_iter(match=settings.redis_key(kind, "*")):
+            async for key in redis.scan_iter(match=settings.redis_key(kind, "*"), count=1000):
                 raw = await redis.hgetall(key)
                 fields = {f: v for f, v in raw.items() if not f.startswith(b"_ts:")}
                 if kind == "popular":
