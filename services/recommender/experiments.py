@@ -42,7 +42,6 @@ Rules (README "Experiments in the recommender"):
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -50,14 +49,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
 
 from schemas.experiments import Experiment
 from services.experiments import ExperimentError, seeding
 from services.experiments.allocation import Allocator, in_range
 from services.experiments.bandit import DEFAULT_EPSILON, ThompsonSampler, as_posterior
 from services.experiments.registry import Registry, apply
+from services.recommender.follower import TopicFollower
 from services.recommender.request import Query
 from services.settings import Settings
 from streams import topics
@@ -277,15 +275,19 @@ class ExperimentFeed:
         self.bad = 0               # unreadable records
         self.last_error: str | None = None
         self.updates = 0
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task | None = None
-        self.caught_up = asyncio.Event()
-        self._topics = (settings.topic(topics.EXPERIMENTS), settings.topic(topics.BANDIT_POSTERIORS))
+        self._follower = TopicFollower(settings, (topics.EXPERIMENTS, topics.BANDIT_POSTERIORS),
+                                       self.fold, self._apply, self._error, "experiments feed",
+                                       fetch_max_wait_ms=50)
+        self.caught_up = self._follower.caught_up
+        self.topics = self._follower.topics      # (experiments, bandit.posteriors), prefixed
+
+    def _error(self, message: str) -> None:
+        self.last_error = message
 
     def fold(self, records) -> bool:
         """Fold a batch of records; True when the registry or a posterior changed."""
         changed = False
-        exp_topic = self._topics[0]
+        exp_topic = self.topics[0]
         for r in records:
             key = r.key.decode(errors="replace") if r.key is not None else None
             try:
@@ -322,72 +324,13 @@ class ExperimentFeed:
         self.allocation.update(self.registry.running(self.allocation.surface), self.posteriors)
         self.updates += 1
 
-    async def _open(self) -> AIOKafkaConsumer:
-        await topics.ensure_topics(self.settings, (topics.EXPERIMENTS, topics.BANDIT_POSTERIORS))
-        consumer = AIOKafkaConsumer(*self._topics, bootstrap_servers=self.settings.kafka_bootstrap,
-                                    group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", isolation_level="read_committed",
-                                    fetch_max_wait_ms=50)
-        await consumer.start()
-        return consumer
-
-    async def _catch_up(self, consumer: AIOKafkaConsumer) -> None:
-        for _ in range(100):
-            if len({tp.topic for tp in consumer.assignment()}) == 2:
-                break
-            for records in (await consumer.getmany(timeout_ms=100)).values():
-                self.fold(records)
-        tps = sorted(consumer.assignment())
-        end = await consumer.end_offsets(tps)
-        while any([await consumer.position(tp) < end[tp] for tp in tps]):
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                self.fold(records)
-        self._apply()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                if self._consumer is None:
-                    self._consumer = await self._open()
-                    await self._catch_up(self._consumer)
-                self.caught_up.set()
-                while True:
-                    batches = await self._consumer.getmany(timeout_ms=1000)
-                    changed = False
-                    for records in batches.values():
-                        changed |= self.fold(records)
-                    if changed:
-                        self._apply()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Kafka away: keep serving what is held, retry
-                self.last_error = f"experiments feed: {exc!r}"
-                log.warning("experiments feed unavailable, retrying: %r", exc)
-                if self._consumer is not None:
-                    consumer, self._consumer = self._consumer, None
-                    try:
-                        await consumer.stop()
-                    except KafkaError:
-                        pass
-                await asyncio.sleep(1.0)
-
     async def start(self, wait_s: float) -> None:
-        self._task = asyncio.create_task(self._run(), name="experiments-feed")
-        try:
-            await asyncio.wait_for(self.caught_up.wait(), wait_s)
-        except TimeoutError:
+        if not await self._follower.start(wait_s):
             log.warning("experiments not caught up within %.0f s; serving without them until "
                         "they are", wait_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._follower.stop()
 
     def describe(self) -> dict:
         a = self.allocation

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaError
 
 from services.model import artifact as artifacts
 from services.model.als import AlsParams, FoldIn
 from services.model.transform import user_vector
+from services.recommender.follower import TopicFollower
 from services.recommender.ranking import Catalogue
 from services.settings import Settings
 from streams import topics
@@ -126,14 +125,19 @@ class ModelWatcher:
         self.current: dict[str, ServedModel] = {}
         self.last_error: str | None = None
         self.on_event = on_event   # (model name, "loaded" | "failed") for metrics
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task | None = None
-        self._caught_up = asyncio.Event()
+        self._pending: dict[str, Announcement] = {}   # folded, not yet loaded
+        self._follower = TopicFollower(settings, (topics.MODELS,), self._fold, self._load_pending,
+                                       self._error, "models topic")
+
+    def _error(self, message: str) -> None:
+        self.last_error = message
 
     def get(self, name: str) -> ServedModel | None:
         return self.current.get(name)
 
-    async def _apply(self, latest: dict[str, Announcement]) -> None:
+    async def _load_pending(self) -> None:
+        """Load and swap in what `_fold` found (artifact reads in a thread)."""
+        latest, self._pending = self._pending, {}
         for name, ann in latest.items():
             have = self.current.get(name)
             if have is not None and (have.version, have.content_sha256) == (ann.version, ann.content_sha256):
@@ -151,18 +155,9 @@ class ModelWatcher:
             log.info("serving %s %s (%d items) loaded in %.0f ms", name, ann.version,
                      len(model.catalogue.ids), (time.perf_counter() - t0) * 1000)
 
-    async def _open(self) -> AIOKafkaConsumer:
-        topic = self.settings.topic(topics.MODELS)
-        await topics.ensure_topics(self.settings, (topics.MODELS,))
-        # No group: a subscription then gets every partition, from the beginning.
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.settings.kafka_bootstrap,
-                                    group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", isolation_level="read_committed",
-                                    fetch_max_wait_ms=200)
-        await consumer.start()
-        return consumer
-
-    def _latest(self, records, latest: dict[str, Announcement]) -> None:
+    def _fold(self, records) -> bool:
+        """The newest announcement per served name in a batch (loaded by `_load_pending`)."""
+        latest = self._pending
         for r in records:
             name = r.key.decode(errors="replace") if r.key else None
             if name not in self.names or r.value is None:
@@ -174,64 +169,12 @@ class ModelWatcher:
                 log.error("models record %s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
                 continue
             latest[name] = ann
-
-    async def _catch_up(self, consumer: AIOKafkaConsumer) -> None:
-        latest: dict[str, Announcement] = {}
-        for _ in range(100):
-            if consumer.assignment():
-                break
-            for records in (await consumer.getmany(timeout_ms=100)).values():
-                self._latest(records, latest)
-        tps = sorted(consumer.assignment())
-        if not tps:
-            raise ModelError(f"no partition of {self.settings.topic(topics.MODELS)} assigned")
-        end = await consumer.end_offsets(tps)
-        while any([await consumer.position(tp) < end[tp] for tp in tps]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                self._latest(records, latest)
-        await self._apply(latest)
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                if self._consumer is None:
-                    self._consumer = await self._open()
-                    await self._catch_up(self._consumer)
-                self._caught_up.set()
-                while True:
-                    batches = await self._consumer.getmany(timeout_ms=1000)
-                    latest: dict[str, Announcement] = {}
-                    for records in batches.values():
-                        self._latest(records, latest)
-                    if latest:
-                        await self._apply(latest)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Kafka away, metadata errors: retry, keep serving
-                self.last_error = f"models topic: {exc!r}"
-                log.warning("models topic unavailable, retrying: %r", exc)
-                if self._consumer is not None:
-                    consumer, self._consumer = self._consumer, None
-                    try:
-                        await consumer.stop()
-                    except KafkaError:
-                        pass
-                await asyncio.sleep(1.0)
+        return bool(latest)
 
     async def start(self, wait_s: float) -> None:
         """Start following the topic; wait up to `wait_s` for the first models to load."""
-        self._task = asyncio.create_task(self._run(), name="model-watcher")
-        try:
-            await asyncio.wait_for(self._caught_up.wait(), wait_s)
-        except TimeoutError:
+        if not await self._follower.start(wait_s):
             log.warning("no model loaded within %.0f s; serving fallback until one is", wait_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self._follower.stop()

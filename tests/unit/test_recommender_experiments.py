@@ -221,7 +221,7 @@ def _record(topic, key, value, offset=0):
 def test_feed_folds_the_registry_and_keeps_the_latest_posterior():
     settings = Settings.from_env()
     feed = ExperimentFeed(settings, Allocation(SURFACE, 0))
-    exp_topic, post_topic = feed._topics
+    exp_topic, post_topic = feed.topics
     e = exp("fd", kind="thompson", arms=["a", "b"], status="draft", start=10 * DAY)
     running = {**e, "revision": 2, "status": "running"}
     assert feed.fold([_record(exp_topic, "fd", e), _record(exp_topic, "fd", running)])
