@@ -56,16 +56,8 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
         changelog=settings.topic(topics.ATTRIBUTION_STATE),
         restore=lambda entries: restore_keyed(partial(PartitionAttribution, cfg), entries), dump=dump_keyed,
         interval_s=interval_ms / 1000)
-    names = {exposures_name, clicks_name}
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-        async with state.lock:
-            await state.release({tp.partition for tp in revoked if tp.topic in names})
-
-    @app.on_partitions_assigned.connect
-    async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-        state.assigned |= {tp.partition for tp in assigned if tp.topic in names}
+    state.attach(app, {exposures_name, clicks_name})
 
     @app.timer(interval_ms / 1000)
     async def checkpoint() -> None:
@@ -106,8 +98,3 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                 state.pending_events += out.events
                 meter.update(out.events, now())
                 state.maybe_checkpoint(now())
-
-    @app.on_before_shutdown.connect
-    async def on_shutdown(app, **kwargs) -> None:  # noqa: ARG001
-        async with state.lock:
-            await state.release(list(state.partitions))

@@ -54,14 +54,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
         interval_s=interval_ms / 1000)
     urgent = [False]    # snapshots appended: commit them as soon as no commit is in flight
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-        async with state.lock:
-            await state.release(tp.partition for tp in revoked if tp.topic == rewards.get_topic_name())
-
-    @app.on_partitions_assigned.connect
-    async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-        state.assigned |= {tp.partition for tp in assigned if tp.topic == rewards.get_topic_name()}
+    state.attach(app, {rewards.get_topic_name()})
 
     async def publish(txn, part: PartitionBandits, now_s: float) -> None:
         for snap in part.due(int(now_s * 1000)):
@@ -69,8 +62,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
             urgent[0] = True
 
     def checkpoint_now(now_s: float) -> None:
-        committing = state._committing
-        if urgent[0] and (committing is None or committing.done()):
+        if urgent[0] and not state.committing:
             urgent[0] = False
             state.maybe_checkpoint(now_s, force=True)
         else:
@@ -112,8 +104,3 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                 meter.update(1, t)
                 await publish(txn, part, t)
                 checkpoint_now(t)
-
-    @app.on_before_shutdown.connect
-    async def on_shutdown(app, **kwargs) -> None:  # noqa: ARG001
-        async with state.lock:
-            await state.release(list(state.partitions))

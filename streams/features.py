@@ -170,15 +170,15 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
     async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
         async with users.lock:
             await flush_users(now(), force=True)
-            await users.release(tp.partition for tp in revoked if tp.topic == clicks_name)
+            await users.revoke(revoked, {clicks_name})
         async with items.lock:
             await flush_items(now())
-            await items.release(tp.partition for tp in revoked if tp.topic == items_name)
+            await items.revoke(revoked, {items_name})
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-        users.assigned |= {tp.partition for tp in assigned if tp.topic == clicks_name}
-        items.assigned |= {tp.partition for tp in assigned if tp.topic == items_name}
+        users.assign(assigned, {clicks_name})
+        items.assign(assigned, {items_name})
 
     # For what no record arms: refused writes to redo, popularity snapshots, commits.
     @app.timer(max(flush_s, 0.01))

@@ -133,14 +133,14 @@ class SubscriptionAgents:
         async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
             async with users.lock:
                 self.flush(now(), force=True)
-                await users.release(tp.partition for tp in revoked if tp.topic == self.routed_name)
+                await users.revoke(revoked, {self.routed_name})
             async with router.lock:
-                await router.release(tp.partition for tp in revoked if tp.topic == self.history_name)
+                await router.revoke(revoked, {self.history_name})
 
         @app.on_partitions_assigned.connect
         async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-            users.assigned |= {tp.partition for tp in assigned if tp.topic == self.routed_name}
-            router.assigned |= {tp.partition for tp in assigned if tp.topic == self.history_name}
+            users.assign(assigned, {self.routed_name})
+            router.assign(assigned, {self.history_name})
 
     def flush(self, t: float, force: bool = False) -> None:
         """Queue the changed users' groups for Redis, then checkpoint (lock held): a

@@ -44,14 +44,7 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
         restore=lambda entries: restore_keyed(partial(PartitionSessions, cfg), entries), dump=dump_keyed,
         interval_s=settings.checkpoint_ms / 1000)
 
-    @app.on_partitions_revoked.connect
-    async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-        async with state.lock:
-            await state.release(tp.partition for tp in revoked if tp.topic == clicks.get_topic_name())
-
-    @app.on_partitions_assigned.connect
-    async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
-        state.assigned |= {tp.partition for tp in assigned if tp.topic == clicks.get_topic_name()}
+    state.attach(app, {clicks.get_topic_name()})
 
     @app.timer(settings.checkpoint_ms / 1000)
     async def checkpoint() -> None:
@@ -91,8 +84,3 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                 state.pending_events += out.events
                 meter.update(out.events, now())
                 state.maybe_checkpoint(now())
-
-    @app.on_before_shutdown.connect
-    async def on_shutdown(app, **kwargs) -> None:  # noqa: ARG001
-        async with state.lock:
-            await state.release(list(state.partitions))

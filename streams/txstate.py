@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -144,7 +145,7 @@ class TransactionalState:
         self._restore, self._dump = restore, dump
         self.interval_s, self.max_pending = interval_s, max_pending
         self.partitions: dict[int, PartitionTxn] = {}
-        self.assigned: set[int] = set()  # input partitions this worker owns (set by the agent)
+        self.assigned: set[int] = set()  # input partitions this worker owns (`assign`)
         self.lock = asyncio.Lock()      # the agent's step and cutting a unit exclude each other
         self.pending_events = 0
         self._last = 0.0
@@ -203,7 +204,7 @@ class TransactionalState:
 
         Call with the lock held (the cut must not interleave with an agent step).
         """
-        if self._committing is not None and not self._committing.done():
+        if self.committing:
             return
         if not (force or self.pending_events >= self.max_pending
                 or (self.pending_events and now - self._last >= self.interval_s)):
@@ -222,6 +223,39 @@ class TransactionalState:
             log.critical("commit failed (%r): exiting so that a restart restores the "
                          "committed state", exc)
             os._exit(70)
+
+    @property
+    def committing(self) -> bool:
+        """Whether a commit is in flight (a checkpoint now would wait for the next one)."""
+        return self._committing is not None and not self._committing.done()
+
+    def assign(self, assigned, topics: Collection[str]) -> None:
+        """Faust's assigned topic-partitions: those of `topics` are this state's inputs."""
+        self.assigned |= {tp.partition for tp in assigned if tp.topic in topics}
+
+    async def revoke(self, revoked, topics: Collection[str]) -> None:
+        """Commit everything, then close the revoked partitions of `topics` (lock held)."""
+        await self.release({tp.partition for tp in revoked if tp.topic in topics})
+
+    def attach(self, app, topics: Collection[str]) -> None:
+        """Wire the state to a Faust app whose only state it is: assignment, revocation
+        and shutdown. (A processor with several states orders their flushes and
+        releases in its own handlers, with `assign` and `revoke`: Faust calls the
+        receivers of one signal in no fixed order.)"""
+
+        @app.on_partitions_assigned.connect
+        async def on_assigned(app, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
+            self.assign(assigned, topics)
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(app, revoked, **kwargs) -> None:  # noqa: ARG001 (signal signature)
+            async with self.lock:
+                await self.revoke(revoked, topics)
+
+        @app.on_before_shutdown.connect
+        async def on_shutdown(app, **kwargs) -> None:  # noqa: ARG001 (signal signature)
+            async with self.lock:
+                await self.release(list(self.partitions))
 
     async def drain(self) -> None:
         """Wait for the commit in flight, then commit everything pending."""
