@@ -5,8 +5,14 @@ import argparse
 import asyncio
 import atexit
 import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -56,3 +62,39 @@ async def produce(settings: Settings, topic: str,
     finally:
         await producer.stop()
     return time.perf_counter() - t0
+
+
+PROGRESS = re.compile(r"progress events=(\d+) span_s=([\d.]+)")
+
+
+def worker_rate(settings: Settings, processor: str, n: int, timeout_s: float,
+                profile: str | None = None, timeline: bool = False, settle_s: float = 0.0,
+                spy_subprocesses: bool = False) -> float:
+    """Run `clickloop worker <processor>` (under py-spy into `profile` when given) until its
+    progress lines report `n` events; its events/s from its first to its latest record, as
+    the worker measures it (start-up and rebalance not counted, as for a raw loop).
+    `settle_s`: keep it running that long after, e.g. for a checkpoint to commit;
+    `spy_subprocesses`: profile the worker's child processes too."""
+    env = {**os.environ, **settings.as_env()}
+    spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250",
+           *(["--subprocesses"] if spy_subprocesses else []), "--format", "speedscope",
+           "-o", profile, "--"] if profile else []
+    proc = subprocess.Popen([*spy, sys.executable, "-m", "services.cli", "worker", processor],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout_s
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            tail = (tail + [line])[-20:]
+            match = PROGRESS.search(line)
+            if timeline and match:
+                print("  " + line.strip(), flush=True)
+            if match and int(match.group(1)) >= n:
+                time.sleep(settle_s)
+                return int(match.group(1)) / float(match.group(2))
+            if time.monotonic() > deadline:
+                break
+        raise SystemExit(f"{processor} worker did not finish:\n" + "".join(tail))
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+        proc.wait(timeout=30)

@@ -16,28 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import re
 import resource
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (bench_arguments, bench_settings, click_events,  # noqa: E402
-                           click_records, produce)
+                           click_records, produce, worker_rate)
 from bench.stream_throughput import raw_loop  # noqa: E402
 from services.settings import Settings  # noqa: E402
 from streams import topics  # noqa: E402
 from streams.archive_store import ArchiveStore  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 
-PROGRESS = re.compile(r"progress events=(\d+) span_s=([\d.]+)")
 
 
 def archive_topic(settings: Settings, n_events: int, profile: str | None = None,
@@ -48,27 +42,11 @@ def archive_topic(settings: Settings, n_events: int, profile: str | None = None,
     `clicks`); the archive is `settings.archive_root`. The worker is stopped
     (SIGINT) once the last file is in place.
     """
-    env = {**os.environ, **settings.as_env()}
-    spy = ["py-spy", "record", "--subprocesses", "--format", "speedscope", "-o", profile, "--"] if profile else []
-    if spy and Path(sys.executable).with_name("py-spy").exists():
-        spy[0] = str(Path(sys.executable).with_name("py-spy"))
-    proc = subprocess.Popen([*spy, sys.executable, "-m", "services.cli", "worker", "archive"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    deadline = time.monotonic() + (timeout_s or 60 + n_events / 2000)
-    tail: list[str] = []
     try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            tail = (tail + [line])[-20:]
-            match = PROGRESS.search(line)
-            if match and int(match.group(1)) >= n_events:
-                return int(match.group(1)) / float(match.group(2))
-            if time.monotonic() > deadline:
-                break
-        raise SystemExit("archive worker did not finish:\n" + "".join(tail))
+        return worker_rate(settings, "archive", n_events, timeout_s or 60 + n_events / 2000,
+                           profile=profile, spy_subprocesses=True)
     finally:
-        proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
-        proc.wait(timeout=30)
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         print(f"archive worker CPU (with its writer processes, start-up included): user "
               f"{cpu.ru_utime - cpu0.ru_utime:.1f} s, system {cpu.ru_stime - cpu0.ru_stime:.1f} s",

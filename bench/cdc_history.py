@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import os
 import random
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -33,14 +31,13 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import bench_settings, produce  # noqa: E402
+from bench._common import bench_settings, produce, worker_rate  # noqa: E402
 from streams import topics  # noqa: E402
 from streams.cdc_history import offline_history  # noqa: E402
 from streams.history import HistoryConfig  # noqa: E402
 from streams._native import murmur2  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 
-PROGRESS = re.compile(r"progress events=(\d+) span_s=([\d.]+)")
 PLANS = ("basic", "pro", "team", "enterprise")
 STATUSES = ("active", "trialing", "past_due", "cancelled")
 T0_MS = 1_795_000_000_000
@@ -109,31 +106,6 @@ def change_records(n: int, keys: int = 10_000, seed: int = 7, table: str = "subs
 def partitioned(records, partitions: int) -> list[tuple[int, bytes, bytes | None]]:
     """(partition, key, value) by Kafka's default partitioner, as Debezium's producer does."""
     return [((murmur2(k) & 0x7FFFFFFF) % partitions, k, v) for k, v, _ in records]
-
-
-def worker(settings, n: int, timeout_s: float, profile: str | None) -> float:
-    env = {**os.environ, **settings.as_env()}
-    spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250", "--format",
-           "speedscope", "-o", profile, "--"] if profile else []
-    proc = subprocess.Popen([*spy, sys.executable, "-m", "services.cli", "worker", "cdc_history"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout_s
-    tail: list[str] = []
-    try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            tail = (tail + [line])[-20:]
-            match = PROGRESS.search(line)
-            if match and int(match.group(1)) >= n:
-                # Folded, not yet committed: let the next checkpoint commit it (the
-                # lookups below read committed rows; under py-spy SIGINT is not graceful).
-                time.sleep(2 * settings.checkpoint_ms / 1000 + 1)
-                return int(match.group(1)) / float(match.group(2))
-            if time.monotonic() > deadline:
-                break
-        raise SystemExit("cdc_history worker did not finish:\n" + "".join(tail))
-    finally:
-        proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
-        proc.wait(timeout=30)
 
 
 def _free_port() -> int:
@@ -218,7 +190,10 @@ def main() -> None:
                                     partitioned(records, settings.partitions)))
     print(f"produced {args.events} change events to {settings.topic(name)} "
           f"({settings.partitions} partitions) in {produce_s:.1f} s", flush=True)
-    eps = worker(settings, args.events, timeout_s=60 + args.events / 2000, profile=args.profile)
+    # Folded is not yet committed: keep the worker up for the next checkpoint (the lookups
+    # below read committed rows; under py-spy SIGINT is not graceful).
+    eps = worker_rate(settings, "cdc_history", args.events, timeout_s=60 + args.events / 2000,
+                      profile=args.profile, settle_s=2 * settings.checkpoint_ms / 1000 + 1)
     print(f"cdc_history worker: {eps:,.0f} events/s", flush=True)
     rows, _ = offline_history(records, HistoryConfig(max_versions=settings.history_max_versions))
     t_end = max(r["valid_from"] for r in rows) + 60_000

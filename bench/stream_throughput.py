@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,11 +23,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import bench_settings, click_events, click_records, produce  # noqa: E402
+from bench._common import bench_settings, click_events, click_records, produce, worker_rate  # noqa: E402
 from streams import topics  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
 
-PROGRESS = re.compile(r"progress events=(\d+) span_s=([\d.]+)")
 
 
 async def raw_loop(bootstrap: str, topic: str, n: int) -> float:
@@ -53,31 +48,6 @@ async def raw_loop(bootstrap: str, topic: str, n: int) -> float:
         await consumer.stop()
 
 
-def sessionizer(settings, n: int, timeout_s: float, profile: str | None = None,
-                timeline: bool = False) -> float:
-    env = {**os.environ, **settings.as_env()}
-    spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "250", "--format", "speedscope",
-           "-o", profile, "--"] if profile else []
-    proc = subprocess.Popen([*spy, sys.executable, "-m", "services.cli", "worker", "sessionize"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout_s
-    tail: list[str] = []
-    try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            tail = (tail + [line])[-20:]
-            match = PROGRESS.search(line)
-            if timeline and match:
-                print("  " + line.strip(), flush=True)
-            if match and int(match.group(1)) >= n:
-                return int(match.group(1)) / float(match.group(2))
-            if time.monotonic() > deadline:
-                break
-        raise SystemExit("sessionizer did not finish:\n" + "".join(tail))
-    finally:
-        proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
-        proc.wait(timeout=30)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -97,7 +67,8 @@ def main() -> None:
           f"({settings.partitions} partitions) in {produce_s:.1f} s", flush=True)
     raw = asyncio.run(raw_loop(settings.kafka_bootstrap, topic, args.events))
     print(f"raw aiokafka consume+decode: {raw:,.0f} events/s", flush=True)
-    sess = sessionizer(settings, args.events, timeout_s=60 + args.events / 500, profile=args.profile,
+    sess = worker_rate(settings, "sessionize", args.events, timeout_s=60 + args.events / 500,
+                       profile=args.profile,
                       timeline=args.timeline)
     print(f"sessionizer worker: {sess:,.0f} events/s", flush=True)
     print(f"events={args.events} sessionizer_eps={sess:.0f} raw_eps={raw:.0f} ratio={sess / raw:.3f}")
