@@ -354,3 +354,30 @@ async def test_artifact_with_bad_parameters_is_refused_not_retried_forever(setti
         _, rec = await get(client, user_id=user_id(1))
         assert rec["path"] == "model" and rec["model_version"] == "v1"
     await redis.aclose()
+
+
+async def test_gc_policy_young_only_with_timed_full_collections(settings):
+    """While serving: young collections at the configured threshold, older generations never
+    automatically, a full collection on the timer (its pause in /metrics); the process's own
+    thresholds come back when the app stops."""
+    import gc
+
+    before = gc.get_threshold()
+    redis = aioredis.from_url(settings.redis_url)
+    s = tuned(settings, recommender_gc_young=1500, recommender_gc_full_s=1)
+    await seed(s, redis)
+    async with TestClient(TestServer(make_app(s))) as client:
+        young, older, oldest = gc.get_threshold()
+        assert young == 1500 and older >= 1 << 30 and oldest >= 1 << 30
+
+        async def full_pauses() -> float:
+            text = await (await client.get("/metrics")).text()
+            line = next(line for line in text.splitlines()
+                        if line.startswith('clickloop_recommender_gc_pause_seconds_count{generation="2"}'))
+            return float(line.rsplit(" ", 1)[1])
+
+        first = await full_pauses()
+        await asyncio.sleep(2.5)
+        assert await full_pauses() >= first + 1
+    assert gc.get_threshold() == before
+    await redis.aclose()
