@@ -11,6 +11,7 @@
 
 mod event;
 mod partition;
+mod score;
 mod session;
 
 use partition::{Config, Partition as Core, VisitorState};
@@ -135,5 +136,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Partition>()?;
     m.add_function(wrap_pyfunction!(session_id, m)?)?;
     m.add_function(wrap_pyfunction!(utm_of, m)?)?;
+    m.add_class::<score::ScoreIndex>()?;
     Ok(())
 }

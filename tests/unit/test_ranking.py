@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from services.recommender.ranking import (Catalogue, benchmark, cold_weight, fallback, popularity_prior,
-                                          rank, top_k)
+                                          rank, rank_numpy, top_k)
 
 
 def reference(scores, k, exclude=()):
@@ -114,10 +114,23 @@ def test_catalogue_refuses_misaligned_inputs(ids, rows, counts):
 
 
 def test_benchmark_reports_figures():
-    out = benchmark(n_items=200, factors=8, k=5, rounds=20)
+    out = benchmark(n_items=200, factors=8, k=5, rounds=20, cold_rounds=4, evict_mb=1)
     assert out["n_items"] == 200 and out["rounds"] == 20
-    for name in ("top_k", "rank"):
+    for name in ("top_k", "rank", "rank_cold", "numpy", "numpy_cold"):
         assert 0 < out[f"{name}_p50_us"] <= out[f"{name}_p99_us"]
+    assert out["rank_fast_share"] == 1.0 and 5 <= out["rank_rescored_mean"] <= 200
+
+
+@pytest.mark.parametrize("vector,n,seen,k,items,path,why", [
+    (None, 0, ("pop",), 2, ["a1", "b1"], "cold_start", "popularity alone"),
+    ([1.0, 0.0], 1_000, ("a1",), 2, ["a2", "pop"], "model", "heavy user"),
+    ([0.0, 1.0], 2, (), 5, ["b1", "pop", "b2", "a1", "a2"], "model", "blend, every item"),
+])
+def test_rank_equals_the_numpy_reference(vector, n, seen, k, items, path, why):
+    vec = None if vector is None else np.asarray(vector, np.float32)
+    got = rank(catalogue(), vec, k, seen=seen, n_interactions=n)
+    assert got == rank_numpy(catalogue(), vec, k, seen=seen, n_interactions=n), why
+    assert (got.items, got.path) == (items, path), why
 
 
 @pytest.mark.parametrize("n,k,levels,nan_share,n_excluded,why", [
