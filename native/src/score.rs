@@ -63,6 +63,9 @@ pub fn dot(y: &[f32], v: &[f32]) -> f32 {
 
 #[inline(always)]
 fn dot_all_body(y: &[f32], d: usize, v: &[f32], out: &mut [f32]) {
+    if d == 0 {
+        return out.fill(0.0); // an empty dot
+    }
     for (row, o) in y.chunks_exact(d).zip(out.iter_mut()) {
         *o = dot(row, v);
     }

@@ -245,3 +245,24 @@ def test_queries_run_concurrently_without_the_gil():
     serial = [index.top_k(v, 10, 0.3) for v in vs]
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(lambda v: index.top_k(v, 10, 0.3), vs)) == serial
+
+
+@pytest.mark.parametrize("n,d,k,n_interactions,why", [
+    (3, 0, 3, 1, "zero factors: every score 0, the prior decides"),
+    (3, 2, -1, 1, "negative k: nothing"),
+    (5, 3, 10, 0, "popularity weight 1: the prior alone"),
+])
+def test_edge_shapes_match_the_reference(n, d, k, n_interactions, why):
+    rng = np.random.default_rng(n + d)
+    cat = Catalogue([f"i{j}" for j in range(n)], np.ones((n, d), np.float32), rng.poisson(3.0, n))
+    v = np.ones(d, np.float32)
+    assert rank(cat, v, k, n_interactions=n_interactions) == \
+        rank_numpy(cat, v, k, n_interactions=n_interactions), why
+    assert rank(cat, None, k) == rank_numpy(cat, None, k), why
+
+
+def test_an_empty_catalogue_ranks_nothing():
+    # The numpy formula cannot min-max scale zero scores (ValueError); the native rank answers.
+    cat = Catalogue([], np.ones((0, 4), np.float32))
+    assert rank(cat, np.ones(4, np.float32), 3).items == []
+    assert rank(cat, None, 3) == rank_numpy(cat, None, 3)
