@@ -39,52 +39,66 @@ const ABS_SLACK: f32 = 1e-30;
 const SAFE_MAX: f64 = 1e30;
 
 /// The exact score: f32, 8 lanes (lane l sums the terms j = l mod 8 in order), then a
-/// fixed pairwise reduction. Rust never contracts a*b+c into an FMA, so the result is
-/// the same bits with SSE2, AVX2 or scalar code.
+/// fixed reduction (lanes l and l + 4, then l and l + 2, then 0 and 1). Every step is one
+/// IEEE f32 rounding and Rust never contracts a*b+c into an FMA, so the AVX2 kernel and
+/// the portable one give the same bits: the fast path and the full pass always agree.
 #[inline(always)]
 pub fn dot(y: &[f32], v: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (yc, vc) = (y.chunks_exact(8), v.chunks_exact(8));
-    let (yr, vr) = (yc.remainder(), vc.remainder());
-    for (a, b) in yc.zip(vc) {
-        let (a, b): (&[f32; 8], &[f32; 8]) = (a.try_into().unwrap(), b.try_into().unwrap());
-        for l in 0..8 {
-            acc[l] += a[l] * b[l];
-        }
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { dot_avx2(y, v) };
     }
+    dot_portable(y, v)
+}
+
+#[inline(always)]
+fn dot_finish(mut acc: [f32; 8], yr: &[f32], vr: &[f32]) -> f32 {
     for l in 0..yr.len() {
         acc[l] += yr[l] * vr[l];
     }
-    // Halving, as a vector reduction does it: lanes l and l + 4, then l and l + 2, then 0 and 1.
     let h = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
     let q = [h[0] + h[2], h[1] + h[3]];
     q[0] + q[1]
 }
 
 #[inline(always)]
-fn dot_all_body(y: &[f32], d: usize, v: &[f32], out: &mut [f32]) {
+fn dot_portable(y: &[f32], v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (yc, vc) = (y.chunks_exact(8), v.chunks_exact(8));
+    let (yr, vr) = (yc.remainder(), vc.remainder());
+    for (a, b) in yc.zip(vc) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    dot_finish(acc, yr, vr)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot_avx2(y: &[f32], v: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (yc, vc) = (y.chunks_exact(8), v.chunks_exact(8));
+    let (yr, vr) = (yc.remainder(), vc.remainder());
+    let mut acc = _mm256_setzero_ps();
+    for (a, b) in yc.zip(vc) {
+        // Separate multiply and add (no FMA): the portable lanes' exact operations.
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a.as_ptr()), _mm256_loadu_ps(b.as_ptr())));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    dot_finish(lanes, yr, vr)
+}
+
+fn dot_all(y: &[f32], d: usize, v: &[f32], out: &mut [f32]) {
     if d == 0 {
         return out.fill(0.0); // an empty dot
     }
     for (row, o) in y.chunks_exact(d).zip(out.iter_mut()) {
         *o = dot(row, v);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_all_avx2(y: &[f32], d: usize, v: &[f32], out: &mut [f32]) {
-    // Same code, wider registers: identical results (lanes are independent, no FMA).
-    dot_all_body(y, d, v, out)
-}
-
-fn dot_all(y: &[f32], d: usize, v: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { dot_all_avx2(y, d, v, out) };
-    }
-    dot_all_body(y, d, v, out)
 }
 
 /// Σ q_ij p_j per row, exact in i32 (|sum| <= 127 * 32767 * 512 < 2^31).
@@ -106,13 +120,29 @@ unsafe fn coarse_avx2(q: &[i8], dp: usize, p: &[i16], out: &mut [i32]) {
     use std::arch::x86_64::*;
     let chunks = dp / CHUNK;
     let pv: Vec<__m256i> = (0..chunks).map(|c| _mm256_loadu_si256(p.as_ptr().add(c * CHUNK) as *const __m256i)).collect();
-    for (row, o) in q.chunks_exact(dp).zip(out.iter_mut()) {
+    #[inline(always)]
+    unsafe fn row_acc(row: *const i8, pv: &[__m256i]) -> __m256i {
         let mut acc = _mm256_setzero_si256();
         for (c, pc) in pv.iter().enumerate() {
             // 16 i8 -> 16 i16, then pairwise products summed into 8 i32 (vpmaddwd).
-            let q16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(row.as_ptr().add(c * CHUNK) as *const __m128i));
+            let q16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(row.add(c * CHUNK) as *const __m128i));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(q16, *pc));
         }
+        acc
+    }
+    // Four rows at a time: three horizontal adds reduce four accumulators to four sums.
+    let mut rows4 = q.chunks_exact(4 * dp);
+    let mut outs4 = out.chunks_exact_mut(4);
+    for (rows, o) in (&mut rows4).zip(&mut outs4) {
+        let r = rows.as_ptr();
+        let (a0, a1) = (row_acc(r, &pv), row_acc(r.add(dp), &pv));
+        let (a2, a3) = (row_acc(r.add(2 * dp), &pv), row_acc(r.add(3 * dp), &pv));
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, s);
+    }
+    for (row, o) in rows4.remainder().chunks_exact(dp).zip(outs4.into_remainder()) {
+        let acc = row_acc(row.as_ptr(), &pv);
         let s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -158,9 +188,9 @@ impl Blend {
 
 /// A scored position; `Ord` puts the better one first (higher score, then lower position).
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Hit {
-    score: f32,
-    pos: u32,
+pub struct Hit {
+    pub score: f32,
+    pub pos: u32,
 }
 
 impl Eq for Hit {}
