@@ -349,6 +349,7 @@ pub struct Index {
     q: Vec<i8>,
     scale: Vec<f32>,
     prior: Vec<f32>,
+    prior_order: Vec<u32>,
     max_scale: f64,
     exact_only: bool,
 }
@@ -387,7 +388,14 @@ impl Index {
             scale[i] = s;
             max_scale = max_scale.max(s as f64);
         }
-        Index { n, d, dp, y, q, scale, prior, max_scale, exact_only }
+        // Best first, ties by position; NaN and -inf never ranked (as numpy's top_k).
+        let mut order: Vec<Hit> = prior.iter().enumerate()
+            .filter(|(_, &p)| p > f32::NEG_INFINITY)
+            .map(|(i, &score)| Hit { score, pos: i as u32 })
+            .collect();
+        order.sort_unstable();
+        let prior_order = order.into_iter().map(|h| h.pos).collect();
+        Index { n, d, dp, y, q, scale, prior, prior_order, max_scale, exact_only }
     }
 
     pub fn n(&self) -> usize {
@@ -411,7 +419,18 @@ impl Index {
             return (Vec::new(), Pass::Exact);
         }
         let Some(v) = v else {
-            return (best_k(Self::hits(self.prior.clone(), exclude), k), Pass::Exact);
+            if exact {
+                return (best_k(Self::hits(self.prior.clone(), exclude), k), Pass::Exact);
+            }
+            // The prior's order is the same for every query: walk it, skipping the excluded.
+            let mut skip = exclude.to_vec();
+            skip.sort_unstable();
+            let hits = self.prior_order.iter()
+                .filter(|&&i| skip.binary_search(&(i as usize)).is_err())
+                .take(k)
+                .map(|&i| Hit { score: self.prior[i as usize], pos: i })
+                .collect();
+            return (hits, Pass::Exact);
         };
         if !exact && !self.exact_only {
             if let Some(out) = self.fast(v, k, w, exclude, bound_scale) {

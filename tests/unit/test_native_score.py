@@ -266,3 +266,18 @@ def test_an_empty_catalogue_ranks_nothing():
     cat = Catalogue([], np.ones((0, 4), np.float32))
     assert rank(cat, np.ones(4, np.float32), 3).items == []
     assert rank(cat, None, 3) == rank_numpy(cat, None, 3)
+
+
+@pytest.mark.parametrize("prior,k,exclude,why", [
+    ([0.5, 0.5, 1.0, 0.0, 0.5], 3, [], "ties by position"),
+    ([0.5, np.nan, 1.0, -np.inf, 0.5], 5, [], "NaN and -inf never ranked: fewer than k"),
+    ([0.5, 0.5, 1.0, 0.0, 0.5], 2, [2, 2, 0], "excluded (repeated) skipped"),
+    ([0.1] * 4, 4, [0, 1, 2, 3], "all excluded"),
+])
+def test_cold_start_walks_the_prior_order(prior, k, exclude, why):
+    p = np.asarray(prior, np.float32)
+    index = ScoreIndex(np.ones((len(p), 2), np.float32), p)
+    want_idx, want_scores = top_k(p, k, np.asarray(sorted(set(exclude)), np.int64))
+    for exact in (False, True):
+        got = index.top_k(None, k, 0.0, exclude, exact=exact)
+        assert got == (want_idx.tolist(), want_scores.tolist()), why
