@@ -1,5 +1,6 @@
 //! `streams._native`: clickloop's compiled hot paths — the session-window core
-//! of the sessionizer and Kafka's partitioner hash.
+//! of the sessionizer, Kafka's partitioner hash and the recommender's exact
+//! top-k (`ScoreIndex`, score.rs).
 //!
 //! The rules are documented (and tested) through their Python face,
 //! streams/sessions.py. Here a record is parsed and folded in one pass without
