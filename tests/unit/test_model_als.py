@@ -113,3 +113,20 @@ def test_implicit_trains_with_one_blas_thread_even_when_imported_first_by_train(
     done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "implicit", done.stderr
+
+
+@pytest.mark.parametrize("alpha", [40.0, 0.01])
+def test_solve_one_is_the_equation_whether_cholesky_applies_or_not(alpha):
+    """Confidences >= 1 (alpha 40): positive definite, Cholesky. Far below 1 (alpha 0.01)
+    with a tiny regularization: the matrix is indefinite and the LU fallback answers."""
+    from services.model.als import solve_one
+
+    rng = np.random.default_rng(1)
+    items = rng.standard_normal((50, 8))
+    base = items.T @ items + 1e-6 * np.eye(8)
+    y = 10 * rng.standard_normal((6, 8))
+    c = alpha * rng.random(6)
+    a = base + (y.T * (c - 1.0)) @ y
+    if alpha < 1:
+        assert np.linalg.eigvalsh(a).min() < 0  # the fallback case really is not definite
+    np.testing.assert_allclose(solve_one(base, y, c), np.linalg.solve(a, y.T @ c), rtol=1e-8, atol=1e-10)
