@@ -75,6 +75,7 @@ bench: setup
 	$(PY) bench/freshness.py
 	$(PY) bench/serve_latency.py
 	$(PY) bench/serve_latency.py --pause-redis
+	$(PY) bench/ranking.py
 	$(PY) bench/bandit.py
 	$(PY) bench/cdc_history.py
 
