@@ -44,6 +44,10 @@ class Settings:
     write_keys: tuple[str, ...] = _env("CLICKLOOP_WRITE_KEYS", default=())
     require_write_key: bool = _env("CLICKLOOP_REQUIRE_WRITE_KEY", default=True)
     anonymize_ip: bool = _env("CLICKLOOP_ANONYMIZE_IP", default=True)
+    # Proxies in front of the collector that append to X-Forwarded-For (a load
+    # balancer: 1). 0 trusts no header: the client is the peer address, and a client
+    # cannot claim another IP (or https) by sending the headers itself.
+    trusted_proxies: int = _env("CLICKLOOP_TRUSTED_PROXIES", 0, default=0)
     cookie_name: str = _env("CLICKLOOP_COOKIE_NAME", default="cl_anonymous_id")
     max_event_bytes: int = _env("CLICKLOOP_MAX_EVENT_BYTES", 256, default=32 * 1024)
     max_batch_bytes: int = _env("CLICKLOOP_MAX_BATCH_BYTES", 1024, default=500 * 1024)

@@ -79,7 +79,8 @@ def _tracking(kind: str | None):
                           f"body larger than the {settings.max_batch_bytes}-byte limit")
         cookie_id, new_cookie = _cookie_id(request, settings.cookie_name)
         req = Request(received_at=int(time.time() * 1000),
-                      ip=client_ip(request.headers.get("X-Forwarded-For"), request.remote),
+                      ip=client_ip(request.headers.get("X-Forwarded-For"), request.remote,
+                                   settings.trusted_proxies),
                       anonymize_ip=settings.anonymize_ip, cookie_id=cookie_id,
                       max_event_bytes=settings.max_event_bytes)
         try:
@@ -99,7 +100,8 @@ def _tracking(kind: str | None):
                 return _error(401, "unauthorized", str(exc))
         response = await _store(request, parsed, req.received_at)
         if new_cookie and parsed.used_cookie and response.status == 200:
-            secure = request.secure or request.headers.get("X-Forwarded-Proto") == "https"
+            secure = request.secure or (settings.trusted_proxies > 0 and
+                                        request.headers.get("X-Forwarded-Proto") == "https")
             response.set_cookie(settings.cookie_name, cookie_id, max_age=COOKIE_MAX_AGE_S,  # type: ignore[arg-type]
                                 path="/", samesite="Lax", secure=secure, httponly=True)
         return response

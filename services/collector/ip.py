@@ -30,11 +30,18 @@ def anonymize_ip(ip: str) -> str | None:
     return str(ipaddress.IPv6Address(int(addr) & _V6_MASK))
 
 
-def client_ip(forwarded_for: str | None, remote: str | None) -> str | None:
-    """The client's address: X-Forwarded-For's first hop (the original client,
-    as the load balancer in front of the collector saw it), else the peer."""
-    if forwarded_for:
-        first = forwarded_for.split(",", 1)[0].strip()
-        if first:
-            return first
-    return remote
+def client_ip(forwarded_for: str | None, remote: str | None, trusted_proxies: int) -> str | None:
+    """The client's address, with `trusted_proxies` proxies of ours in front.
+
+    Each proxy appends the address it received the request from to X-Forwarded-For,
+    so only the last `trusted_proxies` entries were written by us; the one the
+    outermost of them wrote (`trusted_proxies` from the right) is the client.
+    Anything left of it is whatever the client sent and is never believed. With no
+    trusted proxy, or a header shorter than the chain (the request bypassed it),
+    the peer address."""
+    if trusted_proxies <= 0 or not forwarded_for:
+        return remote
+    hops = [h.strip() for h in forwarded_for.split(",")]
+    if len(hops) < trusted_proxies or not hops[-trusted_proxies]:
+        return remote
+    return hops[-trusted_proxies]

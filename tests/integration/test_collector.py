@@ -40,7 +40,7 @@ def batch(*events, **top) -> bytes:
 
 @pytest.fixture
 def csettings(settings):
-    return dataclasses.replace(settings, write_keys=(KEY,))
+    return dataclasses.replace(settings, write_keys=(KEY,), trusted_proxies=2)
 
 
 async def ready(client: TestClient, timeout_s: float = 30) -> None:
@@ -165,7 +165,7 @@ async def test_events_are_enriched_on_the_topic(csettings):
     assert t0 <= skewed["received_at"] <= t1
     assert skewed["timestamp"] == skewed["received_at"] - 2000
     assert skewed["original_timestamp"] == 1_767_603_600_000 and skewed["sent_at"] == 1_767_603_602_000
-    assert skewed["context"]["ip"] == "198.51.100.0"          # X-Forwarded-For's first hop
+    assert skewed["context"]["ip"] == "198.51.100.0"          # two trusted proxies' client
     assert skewed["context"]["ua"] == {"browser": "Mobile Safari", "os": "iOS",
                                        "device": "mobile", "is_bot": False}
     assert skewed["context"]["locale"] == "de-DE" and skewed["traits"] == {"plan": "pro"}
@@ -175,6 +175,20 @@ async def test_events_are_enriched_on_the_topic(csettings):
     assert anonymous_id and f"cl_anonymous_id={anonymous_id}" in cookie
     for attribute in ("Max-Age=31536000", "SameSite=Lax", "Secure", "Path=/"):
         assert attribute in cookie
+
+
+async def test_forwarded_headers_are_not_believed_without_a_trusted_proxy(csettings):
+    """By default (CLICKLOOP_TRUSTED_PROXIES=0) a client cannot claim another address or
+    https by sending X-Forwarded-For / -Proto itself: the peer's address is stored."""
+    s = dataclasses.replace(csettings, trusted_proxies=0)
+    headers = {"X-Forwarded-For": "198.51.100.23", "X-Forwarded-Proto": "https"}
+    async with TestClient(TestServer(collector_app(s))) as client:
+        resp = await client.post("/v1/batch", headers=headers, data=batch(
+            {"type": "page", "name": "Home", "messageId": "spoof"}, writeKey=KEY))
+        assert resp.status == 200, await resp.text()
+        assert "Secure" not in resp.headers["Set-Cookie"]
+    (record,) = await read_topic(s.kafka_bootstrap, s.topic(topics.CLICKS), lambda got: len(got) >= 1)
+    assert record["events"][0]["context"]["ip"] == "127.0.0.0"
 
 
 async def test_the_cookie_is_reused_and_every_endpoint_answers_like_segment(csettings):

@@ -58,14 +58,18 @@ def test_anonymize_ip(ip, anonymized):
     assert anonymize_ip(ip) == anonymized
 
 
-@pytest.mark.parametrize("xff,remote,ip", [
-    (None, "198.51.100.1", "198.51.100.1"),
-    ("203.0.113.5, 10.0.0.1", "10.0.0.2", "203.0.113.5"),
-    ("  ", "10.0.0.2", "10.0.0.2"),
-    (None, None, None),
+@pytest.mark.parametrize("xff,remote,trusted,ip,why", [
+    (None, "198.51.100.1", 1, "198.51.100.1", "no header: the peer"),
+    ("203.0.113.5", "10.0.0.2", 1, "203.0.113.5", "one load balancer: what it saw"),
+    ("203.0.113.5", "198.51.100.9", 0, "198.51.100.9", "no trusted proxy: a header is not believed"),
+    ("1.2.3.4, 203.0.113.5", "10.0.0.2", 1, "203.0.113.5", "a spoofed entry left of ours is ignored"),
+    ("1.2.3.4, 203.0.113.5, 10.0.0.1", "10.0.0.2", 2, "203.0.113.5", "two proxies: two from the right"),
+    ("203.0.113.5", "10.0.0.2", 2, "10.0.0.2", "shorter than the chain: the peer"),
+    ("  ", "10.0.0.2", 1, "10.0.0.2", "blank header"),
+    (None, None, 1, None, "nothing known"),
 ])
-def test_client_ip(xff, remote, ip):
-    assert client_ip(xff, remote) == ip
+def test_client_ip(xff, remote, trusted, ip, why):
+    assert client_ip(xff, remote, trusted) == ip, why
 
 
 def basic(user: str) -> str:
