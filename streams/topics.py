@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from services.settings import Settings
 
@@ -89,6 +89,11 @@ def group_id(settings: Settings, processor: str) -> str:
     return f"{settings.prefix}clickloop-{processor}"
 
 
+class TopicCreationError(KafkaError):
+    """The broker refused to create a topic (the reason is in the message), or it never
+    appeared: a KafkaError, so callers that retry on Kafka errors retry this too."""
+
+
 async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> None:
     """Create the missing topics of `names` (prefixed), with `settings.partitions` each."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
@@ -101,13 +106,24 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
                   for n in names if settings.topic(n) not in existing]
         if wanted:
             try:
-                await admin.create_topics(wanted)
+                response = await admin.create_topics(wanted)
             except TopicAlreadyExistsError:
-                pass  # another process won the race
+                response = None  # another process won the race
+            # The broker answers per topic; aiokafka raises for none of them.
+            refused = [(name, code, message) for name, code, message, *_ in
+                       (response.topic_errors if response is not None else ())
+                       if code not in (0, TopicAlreadyExistsError.errno)]
+            if refused:
+                raise TopicCreationError("; ".join(f"{name}: error {code}: {message}"
+                                                   for name, code, message in refused))
+            missing: set[str] = set()
             for _ in range(50):  # creation is asynchronous on the broker
-                if {t.name for t in wanted} <= set(await admin.list_topics()):
+                missing = {t.name for t in wanted} - set(await admin.list_topics())
+                if not missing:
                     break
                 await asyncio.sleep(0.1)
+            else:
+                raise TopicCreationError(f"created but not listed after 5 s: {sorted(missing)}")
     finally:
         await admin.close()
 
