@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer
 
 from services.history.store import HistoryStore
 from services.settings import Settings
+from services.tasks import cancel_and_wait
 from streams import topics
 
 log = logging.getLogger("clickloop.history")
@@ -135,11 +136,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     async def consumer_ctx(app: web.Application):
         task = asyncio.ensure_future(_consume(app, settings))
         yield
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(task)
 
     async def tables(request: web.Request) -> web.Response:
         store = request.app[STORE]

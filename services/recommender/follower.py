@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
 from services.settings import Settings
+from services.tasks import cancel_and_wait
 from streams import topics
 
 log = logging.getLogger("clickloop.recommender")
@@ -103,11 +104,6 @@ class TopicFollower:
             return False
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         if self._consumer is not None:
             await self._consumer.stop()

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.settings import Settings
+from services.tasks import cancel_and_wait
 from streams.feature_store import FEATURE_SET_VERSION, POPULAR, read
 from streams.feature_windows import Popularity
 
@@ -116,9 +117,4 @@ class PopularList:
         self._task = asyncio.create_task(self._run(), name="popular-refresh")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from services.settings import Settings
+from services.tasks import cancel_and_wait
 
 log = logging.getLogger("clickloop.recommender.topic_log")
 
@@ -104,11 +105,6 @@ class TopicLog:
                     await self._producer.flush()
         except TimeoutError:
             log.warning("%s: %d records not sent at shutdown", self.topic, len(self.buffer))
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, KafkaError):
-                pass
+        await cancel_and_wait(self._task, KafkaError)
         if self._producer is not None:
             await self._producer.stop()
