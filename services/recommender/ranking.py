@@ -74,15 +74,15 @@ class Catalogue:
         self.prior = popularity_prior(counts)
         self.native = ScoreIndex(self.factors, self.prior)
 
-    def positions(self, items: Iterable[str]) -> np.ndarray:
-        """Catalogue positions of the items it holds (others ignored)."""
-        index = self.index
-        return np.fromiter((index[i] for i in items if i in index), np.int64)
-
     def position_list(self, items: Iterable[str]) -> list[int]:
-        """`positions` as a list (what the native index takes)."""
+        """Catalogue positions of the items it holds (others ignored): what the native
+        index takes."""
         index = self.index
         return [index[i] for i in items if i in index]
+
+    def positions(self, items: Iterable[str]) -> np.ndarray:
+        """`position_list` as an int64 array (for numpy indexing)."""
+        return np.asarray(self.position_list(items), np.int64)
 
 
 def cold_weight(n_interactions: int, shrink: float = DEFAULT_SHRINK) -> float:
