@@ -105,13 +105,10 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
                            topic_configs={"cleanup.policy": "compact"} if n in COMPACTED else {})
                   for n in names if settings.topic(n) not in existing]
         if wanted:
-            try:
-                response = await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                response = None  # another process won the race
-            # The broker answers per topic; aiokafka raises for none of them.
-            refused = [(name, code, message) for name, code, message, *_ in
-                       (response.topic_errors if response is not None else ())
+            # The broker answers per topic and aiokafka raises for none of them; a topic
+            # that already exists (another process won the race) is what we wanted.
+            response = await admin.create_topics(wanted)
+            refused = [(name, code, message) for name, code, message, *_ in response.topic_errors
                        if code not in (0, TopicAlreadyExistsError.errno)]
             if refused:
                 raise TopicCreationError("; ".join(f"{name}: error {code}: {message}"

@@ -1,6 +1,7 @@
 """ensure_topics against the real broker: creates what is missing, says why it could not."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.integration
 async def test_creates_missing_topics_with_their_layout_and_is_idempotent(settings):
     s = dataclasses.replace(settings, partitions=3)
     names = (topics.CLICKS, topics.MODELS, topics.EXPERIMENTS)
-    await topics.ensure_topics(s, names)
+    # Two processes at once: one of them gets "already exists" from the broker, no error.
+    await asyncio.gather(topics.ensure_topics(s, names), topics.ensure_topics(s, names))
     await topics.ensure_topics(s, names)  # already there: nothing to do, no error
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
