@@ -5,7 +5,9 @@ connection pool, command packing and response parsing are Python layered for
 every feature of Redis), a quarter of a request's budget at the throughput we
 want. The recommender's hot read is always the same two commands, `HGETALL
 user:<visitor>` and `GET topk:<visitor>`, so this client does only that: it
-writes both commands in one `write` and parses the two RESP2 replies.
+writes both commands in one `write` and reads the two RESP2 replies with
+hiredis (the C parser redis-py itself uses when installed; the pure-Python
+parser this client had cost ~13 µs per request at saturation).
 
 Connections are multiplexed: Redis answers each connection's commands in
 order, so every connection keeps a FIFO of waiting futures and any number of
@@ -16,8 +18,8 @@ system call and one wake-up of Redis serve many requests. There is no pool to
 run dry under a burst: up to `redis_pool` connections are opened lazily, the
 next one only when the previous ones each have BUSY replies outstanding.
 
-A request whose caller gave up (its budget passed) leaves its future cancelled in the FIFO (its late reply is read and dropped in order)
-and makes the connection suspect: new requests go elsewhere until a reply
+A request whose caller gave up (its budget passed) leaves its future
+cancelled in the FIFO (its late reply is read and dropped in order) and makes the connection suspect: new requests go elsewhere until a reply
 arrives. A connection with SUSPECT_LIMIT timeouts and no reply is aborted (its
 waiting requests fail at once with `ConnectionError`), so a paused Redis does
 not pile requests up behind it nor, once resumed, leave a backlog of late
@@ -31,13 +33,18 @@ import asyncio
 from collections import deque
 from urllib.parse import unquote, urlparse
 
+import hiredis
+
 MAX_OUTSTANDING = 10_000   # per connection: past it a request fails at once
 BUSY = 64                  # replies outstanding before the next connection is used
 SUSPECT_LIMIT = 8          # timeouts without a reply before a connection is dropped
 
 
 class RespError(Exception):
-    """An error reply from Redis (`-ERR …`) or a reply this client cannot parse."""
+    """An error reply from Redis (`-ERR …`)."""
+
+
+_MORE = object()   # hiredis: no complete reply buffered yet
 
 
 def _command(*parts: bytes) -> bytes:
@@ -47,60 +54,11 @@ def _command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
-def parse_reply(buf: bytes | bytearray, pos: int):
-    """One RESP2 reply at buf[pos:]: (value, next position), or None when incomplete.
-    Arrays come back as lists, bulk strings as bytes, nil as None, errors as RespError."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return None
-    kind, line = buf[pos:pos + 1], buf[pos + 1:end]
-    nxt = end + 2
-    if kind == b"$":
-        n = int(line)
-        if n < 0:
-            return None, nxt
-        if len(buf) < nxt + n + 2:
-            return None
-        return bytes(buf[nxt:nxt + n]), nxt + n + 2
-    if kind == b"*":
-        n = int(line)
-        if n < 0:
-            return None, nxt
-        items = []
-        size = len(buf)
-        for _ in range(n):
-            if buf[nxt:nxt + 1] == b"$":  # the common case (HGETALL): a bulk string, inline
-                end = buf.find(b"\r\n", nxt)
-                if end < 0:
-                    return None
-                length = int(buf[nxt + 1:end])
-                if length >= 0:
-                    start = end + 2
-                    if size < start + length + 2:
-                        return None
-                    items.append(bytes(buf[start:start + length]))
-                    nxt = start + length + 2
-                    continue
-            got = parse_reply(buf, nxt)
-            if got is None:
-                return None
-            value, nxt = got
-            items.append(value)
-        return items, nxt
-    if kind == b":":
-        return int(line), nxt
-    if kind == b"+":
-        return bytes(line), nxt
-    if kind == b"-":
-        return RespError(bytes(line).decode(errors="replace")), nxt
-    raise RespError(f"unexpected reply type {bytes(kind)!r}")
-
-
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[tuple[asyncio.Future, int, list]] = deque()  # future, replies, got
-        self.buf = bytearray()
+        self.reader = hiredis.Reader(replyError=RespError, notEnoughData=_MORE)
         self.closed = False
         self.pending: list[bytes] = []
         self.timeouts = 0   # callers that gave up since the last reply
@@ -109,16 +67,13 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
-        waiting = self.waiting
+        reader, waiting = self.reader, self.waiting
+        reader.feed(data)
         try:
             while waiting:
-                got = parse_reply(buf, pos)
-                if got is None:
+                value = reader.gets()
+                if value is _MORE:
                     break
-                value, pos = got
                 fut, want, replies = waiting[0]
                 replies.append(value)
                 if len(replies) == want:
@@ -126,13 +81,10 @@ class _Connection(asyncio.Protocol):
                     self.timeouts = 0
                     if not fut.done():
                         fut.set_result(replies)
-        except (RespError, ValueError) as exc:
+        except hiredis.ProtocolError as exc:
             self._fail(ConnectionError(f"unreadable reply from Redis: {exc}"))
             if self.transport is not None:
                 self.transport.abort()
-            return
-        if pos:
-            del buf[:pos]
 
     def _fail(self, exc: Exception) -> None:
         self.closed = True

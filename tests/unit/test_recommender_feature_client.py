@@ -1,38 +1,94 @@
-"""The feature client's RESP2 reply parser: complete, incomplete and error replies."""
+"""The feature client's connection: replies matched to waiting requests in order, whatever
+the fragmentation; error replies, protocol errors and lost connections."""
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
-from services.recommender.feature_client import RespError, _command, parse_reply
+from services.recommender.feature_client import RespError, _command, _Connection
 
 
-@pytest.mark.parametrize("raw,value,why", [
-    (b"$3\r\nabc\r\n", b"abc", "bulk string"),
-    (b"$0\r\n\r\n", b"", "empty bulk string"),
-    (b"$-1\r\n", None, "nil (GET of a missing key)"),
-    (b"*0\r\n", [], "empty array (HGETALL of a missing key)"),
-    (b"*2\r\n$1\r\na\r\n$2\r\nbc\r\n", [b"a", b"bc"], "array of bulk strings"),
-    (b"*2\r\n*1\r\n:5\r\n+OK\r\n", [[5], b"OK"], "nested, integer, simple string"),
-    (b"$4\r\na\r\nb\r\n", b"a\r\nb", "binary-safe: CRLF inside a bulk string"),
-])
-def test_complete_replies(raw, value, why):
-    assert parse_reply(raw, 0) == (value, len(raw)), why
+class Transport:
+    """What the connection writes and whether it aborted (bytes only, no I/O)."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
-@pytest.mark.parametrize("raw", [b"", b"$3\r\nab", b"*2\r\n$1\r\na\r\n", b"$3", b"*2\r\n$1\r\na\r\n$2\r\nb"])
-def test_incomplete_replies_wait_for_more(raw):
-    assert parse_reply(raw, 0) is None
+def connection() -> tuple[_Connection, Transport]:
+    conn, transport = _Connection(), Transport()
+    conn.connection_made(transport)
+    return conn, transport
 
 
-def test_error_reply_and_offsets():
-    buf = b"+OK\r\n-WRONGTYPE not a hash\r\n"
-    value, pos = parse_reply(buf, 5)
-    assert isinstance(value, RespError) and "WRONGTYPE" in str(value) and pos == len(buf)
+HGETALL_AND_GET = b"*4\r\n$1\r\na\r\n$2\r\nbc\r\n$1\r\nb\r\n$4\r\nx\r\ny\r\n" + b"$3\r\ntop\r\n"
 
 
-def test_unknown_reply_type():
-    with pytest.raises(RespError):
-        parse_reply(b"?what\r\n", 0)
+@pytest.mark.parametrize("step", [1, 2, 7, len(HGETALL_AND_GET)])
+async def test_replies_reach_their_request_whatever_the_fragmentation(step):
+    conn, _ = connection()
+    fut = conn.send(b"ignored", 2)
+    for i in range(0, len(HGETALL_AND_GET), step):
+        assert not fut.done()
+        conn.data_received(HGETALL_AND_GET[i:i + step])
+    assert fut.result() == [[b"a", b"bc", b"b", b"x\r\ny"], b"top"]  # binary-safe values
+    assert not conn.waiting
+
+
+async def test_requests_sharing_a_connection_get_their_own_replies_in_order():
+    conn, transport = connection()
+    first, second = conn.send(b"one;", 2), conn.send(b"two;", 2)
+    await asyncio.sleep(0)  # both leave in one write at the end of the loop turn
+    assert transport.written == [b"one;two;"]
+    conn.data_received(b"*0\r\n$-1\r\n*2\r\n$1\r\nk\r\n$1\r\nv\r\n")
+    assert first.result() == [[], None]      # missing hash, missing key
+    assert not second.done()
+    conn.data_received(b"$2\r\nok\r\n")
+    assert second.result() == [[b"k", b"v"], b"ok"]
+
+
+async def test_a_cancelled_request_reply_is_read_and_dropped_in_order():
+    conn, _ = connection()
+    gone, kept = conn.send(b"", 1), conn.send(b"", 1)
+    gone.cancel()
+    conn.data_received(b"$4\r\nlate\r\n$4\r\nmine\r\n")
+    assert kept.result() == [b"mine"]
+
+
+async def test_error_reply_is_a_value_for_its_request_only():
+    conn, _ = connection()
+    fut = conn.send(b"", 2)
+    conn.data_received(b"-WRONGTYPE not a hash\r\n$-1\r\n")
+    error, nil = fut.result()
+    assert isinstance(error, RespError) and "WRONGTYPE" in str(error) and nil is None
+    assert not conn.closed
+
+
+async def test_unreadable_reply_fails_every_waiting_request_and_aborts():
+    conn, transport = connection()
+    a, b = conn.send(b"", 1), conn.send(b"", 1)
+    conn.data_received(b"?what\r\n")
+    for fut in (a, b):
+        with pytest.raises(ConnectionError, match="unreadable reply"):
+            fut.result()
+    assert transport.aborted and conn.closed
+
+
+async def test_lost_connection_fails_waiting_requests():
+    conn, _ = connection()
+    fut = conn.send(b"", 2)
+    conn.data_received(b"*0\r\n")   # half of its replies
+    conn.connection_lost(None)
+    with pytest.raises(ConnectionError, match="lost"):
+        fut.result()
 
 
 def test_command_encoding():
