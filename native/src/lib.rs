@@ -1,6 +1,6 @@
 //! `streams._native`: clickloop's compiled hot paths — the session-window core
 //! of the sessionizer, Kafka's partitioner hash and the recommender's exact
-//! top-k (`ScoreIndex`, score.rs).
+//! top-k (`ScoreIndex`, score.rs) and ALS fold-in (`FoldSolver`, foldin.rs).
 //!
 //! The rules are documented (and tested) through their Python face,
 //! streams/sessions.py. Here a record is parsed and folded in one pass without
@@ -11,6 +11,7 @@
 //! bench/stream_throughput.py: 160-170k -> 190-240k events/s).
 
 mod event;
+mod foldin;
 mod partition;
 mod score;
 mod session;
@@ -138,5 +139,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(session_id, m)?)?;
     m.add_function(wrap_pyfunction!(utm_of, m)?)?;
     m.add_class::<score::ScoreIndex>()?;
+    m.add_class::<foldin::FoldSolver>()?;
     Ok(())
 }

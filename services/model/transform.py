@@ -14,7 +14,7 @@ those items.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,14 +70,20 @@ def interactions(events: Iterable[ClickEvent]) -> list[Interaction]:
     return out
 
 
-def item_weights(interactions: Iterable[Interaction]) -> dict[str, float]:
-    """THE rule: per item, the weight of the strongest action taken on it."""
+def item_weights(actions: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """THE rule, over (item, action) pairs: per item, the weight of the strongest action
+    taken on it."""
     weights: dict[str, float] = {}
-    for it in interactions:
-        w = ACTION_WEIGHTS[it.action]
-        if w > weights.get(it.item, 0.0):
-            weights[it.item] = w
+    for item, action in actions:
+        w = ACTION_WEIGHTS[action]
+        if w > weights.get(item, 0.0):
+            weights[item] = w
     return weights
+
+
+def actions_of(interactions: Iterable[Interaction]) -> Iterator[tuple[str, str]]:
+    """Training's side: archived interactions as (item, action) pairs."""
+    return ((it.item, it.action) for it in interactions)
 
 
 def interaction_matrix(rows: Iterable[Interaction], items: Sequence[str] | None = None) -> InteractionMatrix:
@@ -95,7 +101,7 @@ def interaction_matrix(rows: Iterable[Interaction], items: Sequence[str] | None 
     index = {item: j for j, item in enumerate(columns)}
     indptr, indices, data = [0], [], []
     for user in users:
-        row = sorted((index[i], w) for i, w in item_weights(by_user[user]).items() if i in index)
+        row = sorted((index[i], w) for i, w in item_weights(actions_of(by_user[user])).items() if i in index)
         indices += [j for j, _ in row]
         data += [w for _, w in row]
         indptr.append(len(indices))
@@ -104,21 +110,20 @@ def interaction_matrix(rows: Iterable[Interaction], items: Sequence[str] | None 
     return InteractionMatrix(users, columns, matrix)
 
 
-def recent_interactions(user: str, recent: Iterable[Sequence]) -> list[Interaction]:
-    """The `recent` feature group's `items` ([item, action, ts] entries) as interactions."""
-    return [Interaction(user, str(item), action, int(ts)) for item, action, ts in recent
-            if action in ACTION_WEIGHTS]
+def recent_actions(recent: Iterable[Sequence]) -> Iterator[tuple[str, str]]:
+    """Serving's side: the `recent` feature group's `items` ([item, action, ts] entries) as
+    (item, action) pairs, actions the rule does not weigh skipped."""
+    return ((str(item), action) for item, action, _ in recent if action in ACTION_WEIGHTS)
 
 
-def fold_in_inputs(weights: Mapping[str, float], index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Item positions and weights for a fold-in; items the model does not know are dropped."""
+def fold_in_inputs(weights: Mapping[str, float], index: Mapping[str, int]) -> tuple[list[int], list[float]]:
+    """Item positions and weights for a fold-in, by position; items the model does not know
+    are dropped."""
     known = sorted((index[i], w) for i, w in weights.items() if i in index)
-    return (np.fromiter((j for j, _ in known), np.int64, len(known)),
-            np.fromiter((w for _, w in known), np.float32, len(known)))
+    return [j for j, _ in known], [w for _, w in known]
 
 
-def user_vector(user: str, recent: Iterable[Sequence], index: Mapping[str, int],
-                fold: FoldIn) -> np.ndarray | None:
+def user_vector(recent: Iterable[Sequence], index: Mapping[str, int], fold: FoldIn) -> np.ndarray | None:
     """Serving: a user's recent interactions → training's weights → their fold-in factors
     (None when the model knows none of their items)."""
-    return fold.vector(*fold_in_inputs(item_weights(recent_interactions(user, recent)), index))
+    return fold.vector(*fold_in_inputs(item_weights(recent_actions(recent)), index))

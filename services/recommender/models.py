@@ -91,7 +91,7 @@ class ServedModel:
         row = self.user_rows.get(visitor)
         if row is not None:
             return self.user_factors[row]
-        return user_vector(visitor, recent, self.catalogue.index, self.fold) if recent else None
+        return user_vector(recent, self.catalogue.index, self.fold) if recent else None
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version, "items": len(self.catalogue.ids),

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from services.model.als import AlsParams, FoldIn, solve_rows
-from services.model.transform import (Interaction, fold_in_inputs, interaction_matrix, interaction_of,
-                                      interactions, item_weights, recent_interactions, user_vector)
+from services.model.transform import (Interaction, actions_of, fold_in_inputs, interaction_matrix,
+                                      interaction_of, interactions, item_weights, recent_actions,
+                                      user_vector)
 from streams.feature_windows import FeatureBatch, user_features
 
 
@@ -51,7 +52,7 @@ def it(item: str, action: str = "view", ts: int = 0) -> Interaction:
     ([it("a"), it("b", "click")], {"a": 1.0, "b": 2.0}, "items apart"),
 ])
 def test_the_weighting_rule(rows, expected, why):
-    assert item_weights(rows) == expected, why
+    assert item_weights(actions_of(rows)) == expected, why
 
 
 def test_interaction_matrix_rows_are_the_rule_per_user():
@@ -68,7 +69,7 @@ def test_interaction_matrix_rows_are_the_rule_per_user():
 
 def test_fold_in_inputs_drop_unknown_items():
     pos, w = fold_in_inputs({"b": 2.0, "zz": 1.0, "a": 1.0}, {"a": 0, "b": 3})
-    assert pos.tolist() == [0, 3] and w.tolist() == [1.0, 2.0]
+    assert pos == [0, 3] and w == [1.0, 2.0]
 
 
 def test_serving_weights_equal_training_weights():
@@ -80,7 +81,7 @@ def test_serving_weights_equal_training_weights():
     train_row = dict(zip(training.items, training.matrix.toarray()[0].tolist()))
     batch = FeatureBatch().add_clicks(events)
     recent = user_features(batch.users["u1"], 2_000)["recent"]["items"]
-    serving = item_weights(recent_interactions("u1", recent))
+    serving = item_weights(recent_actions(recent))
     assert serving == {i: w for i, w in train_row.items() if w}
 
 
@@ -90,7 +91,7 @@ def test_user_vector_solves_the_training_equation():
     params = AlsParams(factors=3, alpha=5.0, regularization=0.2)
     fold = FoldIn(items, params)
     index = {f"i{j}": j for j in range(6)}
-    vec = user_vector("u", [["i4", "click", 9], ["i1", "view", 3], ["gone", "view", 1]], index, fold)
+    vec = user_vector([["i4", "click", 9], ["i1", "view", 3], ["gone", "view", 1]], index, fold)
     # The normal equations written out: (YᵀY + Σ (c-1) y yᵀ + λI) x = Σ c y.
     y = items.astype(np.float64)
     a = y.T @ y + 0.2 * np.eye(3)
@@ -100,7 +101,7 @@ def test_user_vector_solves_the_training_equation():
         a += (c - 1.0) * np.outer(y[j], y[j])
         b += c * y[j]
     np.testing.assert_allclose(vec, np.linalg.solve(a, b), rtol=1e-5)
-    assert user_vector("u", [["gone", "view", 1]], index, fold) is None
+    assert user_vector([["gone", "view", 1]], index, fold) is None
     empty = solve_rows(items, fold.gram, np.array([0, 0]), np.array([], np.int64),
                        np.array([], np.float32), params)
     assert empty.tolist() == [[0.0, 0.0, 0.0]], "no interactions: the zero vector"
