@@ -28,8 +28,11 @@ use pyo3::prelude::*;
 const MAX_D: usize = 512;
 /// Row chunk of the integer pass (16 i16 lanes = one AVX2 register).
 const CHUNK: usize = 16;
-/// Query quantization range (i16).
-const P_MAX: f32 = 32767.0;
+/// Query quantization range: |p| <= 127 * 256 + 127, so that p = 256 hi + lo with hi and lo
+/// both i8 (the AVX-512 kernel's split); every kernel uses the same p.
+const P_MAX: f32 = 32639.0;
+/// Rows per block of the AVX-512 layout (one 512-bit register of i32 sums).
+const BLOCK: usize = 16;
 /// Absolute slack added to every bound: covers the gradual-underflow error of the
 /// products (each at most 2^-150, times at most 2^31 for the scaled integer sum),
 /// i.e. < 1e-35, with margin.
@@ -150,14 +153,176 @@ unsafe fn coarse_avx2(q: &[i8], dp: usize, p: &[i16], out: &mut [i32]) {
     }
 }
 
-/// Integer sums are exact, so the AVX2 and portable kernels agree bit for bit.
-fn coarse(q: &[i8], dp: usize, p: &[i16], out: &mut [i32]) {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above); slices hold n * dp and dp values.
-        return unsafe { coarse_avx2(q, dp, p, out) };
+/// The integer kernel of the coarse pass. Integer sums are exact, so every kernel gives
+/// the same sums, hence the same bounds, candidates and results (tests/unit/
+/// test_native_score.py compares them); the index picks the best the CPU has at build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    Avx2,
+    /// AVX-512 VNNI: `vpdpbusd` (4 u8 x i8 products summed into each i32 lane) on a row-blocked
+    /// layout, 16 rows per register, no conversion and no horizontal sums.
+    Avx512,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 3] = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
     }
-    coarse_portable(q, dp, p, out)
+
+    pub fn supported(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx2")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    pub fn best() -> Kernel {
+        *Kernel::ALL.iter().rev().find(|k| k.supported()).unwrap_or(&Kernel::Portable)
+    }
+}
+
+/// The row-blocked layout of the AVX-512 kernel: block b holds rows 16b..16b+16; inside it,
+/// column group g (columns 4g..4g+4) is 64 bytes, row r's 4 bytes at 4r. Values are q + 128
+/// as u8 (vpdpbusd multiplies u8 by i8), padding rows and columns q = 0.
+fn blocked(q: &[i8], n: usize, dp: usize) -> Vec<u8> {
+    let nblk = n.div_ceil(BLOCK);
+    let mut qb = vec![128u8; nblk * BLOCK * dp];
+    for i in 0..n {
+        let (b, r) = (i / BLOCK, i % BLOCK);
+        for j in 0..dp {
+            qb[b * BLOCK * dp + (j / 4) * 4 * BLOCK + r * 4 + j % 4] = (q[i * dp + j] as i32 + 128) as u8;
+        }
+    }
+    qb
+}
+
+/// The query split for vpdpbusd: p = 256 hi + lo with hi, lo in i8 (|p| <= P_MAX), four
+/// columns packed per i32 (broadcast to every row's lane); and 128 Σ p, the offset that
+/// the u8 rows (q + 128) add.
+fn split_query(p: &[i16], hi: &mut [i32], lo: &mut [i32]) -> i32 {
+    let mut sum = 0i32;
+    for (g, quad) in p.chunks_exact(4).enumerate() {
+        let (mut h, mut l) = ([0u8; 4], [0u8; 4]);
+        for t in 0..4 {
+            let x = quad[t] as i32;
+            let low = x as i8; // x mod 256, as i8
+            let high = (x - low as i32) >> 8;
+            debug_assert!((-128..=127).contains(&high));
+            h[t] = high as i8 as u8;
+            l[t] = low as u8;
+            sum += x;
+        }
+        hi[g] = i32::from_le_bytes(h);
+        lo[g] = i32::from_le_bytes(l);
+    }
+    sum.wrapping_mul(128)
+}
+
+/// Lowest and highest bound over the rows: max/min of the lower bounds and of the upper.
+#[derive(Clone, Copy, Debug)]
+struct Extremes {
+    max_lower: f32,
+    min_upper: f32,
+    min_lower: f32,
+    max_upper: f32,
+}
+
+/// The bounds of one row from its integer sum: the same f32 operations in every kernel.
+#[inline(always)]
+fn row_bounds(is: i32, s: f32, sv: f32, kf: f32) -> (f32, f32) {
+    let c = (s * sv) * is as f32;
+    let e = s * kf + ABS_SLACK;
+    (c - e, c + e)
+}
+
+/// AVX-512 VNNI coarse pass with the bounds fused in: lower/upper for rows 0..n (and the
+/// block padding after them), and their extremes over 0..n.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+unsafe fn bounds_avx512(qb: &[u8], n: usize, dp: usize, p: &[i16], scale: &[f32], sv: f32, kf: f32,
+                        lower: &mut [f32], upper: &mut [f32]) -> Extremes {
+    use std::arch::x86_64::*;
+    let groups = dp / 4; // dp is a multiple of 16: groups is even
+    let (mut hi, mut lo) = ([0i32; MAX_D / 4], [0i32; MAX_D / 4]);
+    let corr = _mm512_set1_epi32(split_query(p, &mut hi, &mut lo));
+    let nblk = n.div_ceil(BLOCK);
+    debug_assert!(qb.len() == nblk * BLOCK * dp && scale.len() >= nblk * BLOCK && lower.len() >= nblk * BLOCK);
+    let (svv, kfv, slack) = (_mm512_set1_ps(sv), _mm512_set1_ps(kf), _mm512_set1_ps(ABS_SLACK));
+    let (mut max_l, mut min_u) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(f32::INFINITY));
+    let (mut min_l, mut max_u) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(f32::NEG_INFINITY));
+    let q = qb.as_ptr();
+    for b in 0..nblk {
+        let base = q.add(b * BLOCK * dp);
+        // Four independent chains (hi/lo x even/odd group) hide vpdpbusd's latency.
+        let (mut h0, mut h1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let (mut l0, mut l1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let mut g = 0;
+        while g < groups {
+            let r0 = _mm512_loadu_si512(base.add(g * 64) as *const _);
+            let r1 = _mm512_loadu_si512(base.add(g * 64 + 64) as *const _);
+            h0 = _mm512_dpbusd_epi32(h0, r0, _mm512_set1_epi32(*hi.get_unchecked(g)));
+            l0 = _mm512_dpbusd_epi32(l0, r0, _mm512_set1_epi32(*lo.get_unchecked(g)));
+            h1 = _mm512_dpbusd_epi32(h1, r1, _mm512_set1_epi32(*hi.get_unchecked(g + 1)));
+            l1 = _mm512_dpbusd_epi32(l1, r1, _mm512_set1_epi32(*lo.get_unchecked(g + 1)));
+            g += 2;
+        }
+        // Σ (q + 128) p = 256 Σ (q + 128) hi + Σ (q + 128) lo; minus 128 Σ p. Wrapping i32
+        // arithmetic, exact because the true sum fits an i32.
+        let hs = _mm512_add_epi32(h0, h1);
+        let ls = _mm512_add_epi32(l0, l1);
+        let isum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32::<8>(hs), ls), corr);
+        let s = _mm512_loadu_ps(scale.as_ptr().add(b * BLOCK));
+        let c = _mm512_mul_ps(_mm512_mul_ps(s, svv), _mm512_cvtepi32_ps(isum));
+        let e = _mm512_add_ps(_mm512_mul_ps(s, kfv), slack);
+        let (l, u) = (_mm512_sub_ps(c, e), _mm512_add_ps(c, e));
+        _mm512_storeu_ps(lower.as_mut_ptr().add(b * BLOCK), l);
+        _mm512_storeu_ps(upper.as_mut_ptr().add(b * BLOCK), u);
+        let rows = n - b * BLOCK;
+        if rows >= BLOCK {
+            max_l = _mm512_max_ps(max_l, l);
+            min_u = _mm512_min_ps(min_u, u);
+            min_l = _mm512_min_ps(min_l, l);
+            max_u = _mm512_max_ps(max_u, u);
+        } else {
+            let m: __mmask16 = ((1u32 << rows) - 1) as __mmask16;
+            max_l = _mm512_mask_max_ps(max_l, m, max_l, l);
+            min_u = _mm512_mask_min_ps(min_u, m, min_u, u);
+            min_l = _mm512_mask_min_ps(min_l, m, min_l, l);
+            max_u = _mm512_mask_max_ps(max_u, m, max_u, u);
+        }
+    }
+    Extremes {
+        max_lower: _mm512_reduce_max_ps(max_l),
+        min_upper: _mm512_reduce_min_ps(min_u),
+        min_lower: _mm512_reduce_min_ps(min_l),
+        max_upper: _mm512_reduce_max_ps(max_u),
+    }
+}
+
+/// The bounds from the integer sums of the row-major kernels (same operations as above).
+fn bounds_from_sums(isum: &[i32], scale: &[f32], sv: f32, kf: f32, lower: &mut [f32], upper: &mut [f32]) -> Extremes {
+    for (((lo, up), &is), &s) in lower.iter_mut().zip(upper.iter_mut()).zip(isum).zip(scale) {
+        (*lo, *up) = row_bounds(is, s, sv, kf);
+    }
+    let n = isum.len();
+    let (lower, upper) = (&lower[..n], &upper[..n]);
+    Extremes { max_lower: chunk_max(lower), min_upper: chunk_min(upper), min_lower: chunk_min(lower),
+               max_upper: chunk_max(upper) }
 }
 
 /// `(1 - w) * (s - lo) / (hi - lo) + w * prior` in f32, numpy's order of operations
@@ -168,6 +333,7 @@ struct Blend {
     a: f32,
     b: f32,
     lo: f32,
+    hi: f32,
     denom: f32,
     flat: bool,
 }
@@ -176,7 +342,7 @@ impl Blend {
     fn new(w: f64, lo: f32, hi: f32) -> Self {
         // NaN in lo/hi (numpy's min/max propagate it) or hi == lo: the unit part is 0.
         let flat = !(hi > lo);
-        Blend { a: (1.0 - w) as f32, b: w as f32, lo, denom: (hi as f64 - lo as f64) as f32, flat }
+        Blend { a: (1.0 - w) as f32, b: w as f32, lo, hi, denom: (hi as f64 - lo as f64) as f32, flat }
     }
 
     #[inline(always)]
@@ -345,20 +511,233 @@ pub struct Index {
     n: usize,
     d: usize,
     dp: usize,
+    /// n rounded up to whole blocks of 16: the length of `scale`, `prior_pad` and the bounds.
+    n_pad: usize,
     y: Vec<f32>,
+    kernel: Kernel,
+    /// Row-major i8 rows (portable and AVX2 kernels), else empty.
     q: Vec<i8>,
+    /// The blocked u8 layout (AVX-512 kernel), else empty.
+    qb: Vec<u8>,
     scale: Vec<f32>,
     prior: Vec<f32>,
+    prior_pad: Vec<f32>,
     prior_order: Vec<u32>,
     max_scale: f64,
+    max_abs_prior: f64,
     exact_only: bool,
 }
 
+/// Per-thread buffers of the fast path, grown on demand and reused by every query (no
+/// allocation or zeroing per call once they are big enough).
+#[derive(Default)]
+struct Scratch {
+    p: Vec<i16>,
+    isum: Vec<i32>,
+    lower: Vec<f32>,
+    upper: Vec<f32>,
+    cands: Vec<(u32, f32, f32)>,
+    gmax: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// How the selection turns an item's score bounds into bounds on its ranked value.
+#[derive(Clone, Copy, Debug)]
+enum Map {
+    /// No blend: the score bounds themselves.
+    Identity,
+    /// Blend: `(x - lo) * aid + bw * prior ∓ m`, a rigorous enclosure of the blended bounds
+    /// (see `Map::linear`), one multiplication instead of a division per bound.
+    Linear { lo: f32, aid: f32, bw: f32, m: f32 },
+}
+
+impl Map {
+    /// The blend's `r(x) = a * ((x - lo) / den) + b * prior` (f32, as `Blend::apply`) is
+    /// replaced by `g(x) = ((x - lo) * aid + b * prior) ∓ m`, with aid = fl(a * fl(1 / den)).
+    /// With T1 = |a (x - lo) / den| and T2 = |b prior| (reals), each f32 operation one
+    /// rounding (u = 2^-24): |r - R| <= 4.001 u T1 + 2.001 u T2 and |g - R| <= 5.001 u T1
+    /// + 2.001 u T2 against the real R; the final ∓ m adds u |g ∓ m|. For every x in
+    /// [min lower, max upper] (which holds lo), T1 <= a X / den with X = max upper - min
+    /// lower, T2 <= b max|prior|: so m = 2^-16 (a X / den + b max|prior|) (256 u, ~20x the
+    /// 12 u needed) plus 1e-37 for gradual underflow gives g(x) - m <= r(x) <= g(x) + m.
+    /// None when the blend is flat, a = 0 (weight 1) or the values could leave the safe
+    /// range: the caller then rewrites the bounds with `Blend::apply` itself.
+    fn linear(b: &Blend, ext: &Extremes, max_abs_prior: f64) -> Option<Map> {
+        if b.flat || !(b.a > 0.0) || !(b.denom > 0.0) {
+            return None;
+        }
+        let aid = b.a * (1.0f32 / b.denom);
+        if !(aid.is_normal() && aid > 0.0) {
+            return None;
+        }
+        let x = ext.max_upper as f64 - ext.min_lower as f64;
+        let total = b.a as f64 * x / b.denom as f64 + b.b as f64 * max_abs_prior;
+        if !(total < SAFE_MAX) {
+            return None;
+        }
+        let m = (total * (1.0 / 65536.0) * 1.001 + 1e-37) as f32;
+        Some(Map::Linear { lo: b.lo, aid, bw: b.b, m })
+    }
+}
+
+/// The selection's map as (lo, aid, bw, m): `((x - lo) * aid + bw * prior) ∓ m`. The
+/// identity is (0, 1, 0, 0): x - 0, x * 1, x + 0 and x - 0 are x (-0 may become +0, equal in
+/// every comparison), and -inf stays -inf.
+impl Map {
+    fn params(self) -> (f32, f32, f32, f32) {
+        match self {
+            Map::Identity => (0.0, 1.0, 0.0, 0.0),
+            Map::Linear { lo, aid, bw, m } => (lo, aid, bw, m),
+        }
+    }
+}
+
+/// Rows that can hold the max (upper >= max lower) and the min (lower <= min upper) of the
+/// scores, in AVX-512: `at_least` and `at_most` fused in one pass over rows 0..n.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn extreme_rows_avx512(lower: &[f32], upper: &[f32], n: usize, max_lower: f32, min_upper: f32,
+                              mut hi: impl FnMut(usize), mut lo: impl FnMut(usize)) {
+    use std::arch::x86_64::*;
+    let (mlv, muv) = (_mm512_set1_ps(max_lower), _mm512_set1_ps(min_upper));
+    let nblk = n.div_ceil(BLOCK);
+    debug_assert!(lower.len() >= nblk * BLOCK && upper.len() >= nblk * BLOCK);
+    for c in 0..nblk {
+        let off = c * BLOCK;
+        let valid: u32 = if n - off >= BLOCK { 0xffff } else { (1u32 << (n - off)) - 1 };
+        let mh = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_loadu_ps(upper.as_ptr().add(off)), mlv) as u32 & valid;
+        let ml = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_loadu_ps(lower.as_ptr().add(off)), muv) as u32 & valid;
+        if (mh | ml) == 0 {
+            continue;
+        }
+        let mut m = mh;
+        while m != 0 {
+            hi(off + m.trailing_zeros() as usize);
+            m &= m - 1;
+        }
+        let mut m = ml;
+        while m != 0 {
+            lo(off + m.trailing_zeros() as usize);
+            m &= m - 1;
+        }
+    }
+}
+
+/// Rows per group of the selection's first pass: each group gives 16 maxima of distinct rows.
+const GROUP: usize = 16 * BLOCK;
+
+/// The k-th largest of the values, f32::MIN when fewer than k are finite.
+fn kth_or_min(values: &[f32], k: usize) -> f32 {
+    if k == 0 || values.len() < k {
+        return f32::MIN;
+    }
+    let t = kth_largest(values, k);
+    if t > f32::NEG_INFINITY { t } else { f32::MIN }
+}
+
+/// The selection in two passes over the bounds (mapped by `map`, 16 rows at a time).
+/// First: per group of 16 blocks, the lane-wise max of the mapped lower bounds: 16 values,
+/// each some row's mapped lower bound, so the k-th largest of them, t0, is at most the
+/// k-th largest mapped lower bound T of all allowed rows (excluded and padding rows carry
+/// -inf bounds). Second: every row whose mapped upper bound reaches t0 goes to `cands`
+/// (position, mapped lower, mapped upper); these include every row whose lower bound
+/// reaches T, so T is the k-th largest lower bound among them. Returns T (f32::MIN when
+/// fewer than k rows are allowed); the caller keeps the candidates whose upper reaches T.
+fn select_portable(lower: &[f32], upper: &[f32], prior: &[f32], map: Map, k: usize,
+                   cands: &mut Vec<(u32, f32, f32)>, gmax: &mut Vec<f32>) -> f32 {
+    let (lo, aid, bw, m) = map.params();
+    let f_lo = |x: f32, p: f32| ((x - lo) * aid + bw * p) - m;
+    let f_up = |x: f32, p: f32| ((x - lo) * aid + bw * p) + m;
+    gmax.clear();
+    for (lg, pg) in lower.chunks(GROUP).zip(prior.chunks(GROUP)) {
+        let mut mx = [f32::NEG_INFINITY; BLOCK];
+        for (lc, pc) in lg.chunks_exact(BLOCK).zip(pg.chunks_exact(BLOCK)) {
+            for r in 0..BLOCK {
+                let l = f_lo(lc[r], pc[r]);
+                mx[r] = if l > mx[r] { l } else { mx[r] };
+            }
+        }
+        gmax.extend_from_slice(&mx);
+    }
+    let t0 = kth_or_min(gmax, k);
+    cands.clear();
+    for (c, ((lc, uc), pc)) in lower.chunks_exact(BLOCK).zip(upper.chunks_exact(BLOCK)).zip(prior.chunks_exact(BLOCK)).enumerate() {
+        for r in 0..BLOCK {
+            let u = f_up(uc[r], pc[r]);
+            if u >= t0 {
+                cands.push(((c * BLOCK + r) as u32, f_lo(lc[r], pc[r]), u));
+            }
+        }
+    }
+    select_finish(cands, k, gmax)
+}
+
+/// T from the candidates: the k-th largest of their mapped lower bounds.
+fn select_finish(cands: &[(u32, f32, f32)], k: usize, buf: &mut Vec<f32>) -> f32 {
+    buf.clear();
+    buf.extend(cands.iter().map(|c| c.1));
+    kth_or_min(buf, k)
+}
+
+/// `select_portable` in AVX-512 (the same f32 operations, so the same values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn select_avx512(lower: &[f32], upper: &[f32], prior: &[f32], map: Map, k: usize,
+                        cands: &mut Vec<(u32, f32, f32)>, gmax: &mut Vec<f32>) -> f32 {
+    use std::arch::x86_64::*;
+    let (lo, aid, bw, m) = map.params();
+    let (lov, aidv, bwv, mv) = (_mm512_set1_ps(lo), _mm512_set1_ps(aid), _mm512_set1_ps(bw), _mm512_set1_ps(m));
+    let nblk = lower.len() / BLOCK;
+    debug_assert!(lower.len() == nblk * BLOCK && upper.len() == nblk * BLOCK && prior.len() == nblk * BLOCK);
+    let (lp, up, pp) = (lower.as_ptr(), upper.as_ptr(), prior.as_ptr());
+    gmax.clear();
+    gmax.reserve(nblk + BLOCK);
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut buf = [0f32; BLOCK];
+    for c in 0..nblk {
+        let off = c * BLOCK;
+        let bp = _mm512_mul_ps(bwv, _mm512_loadu_ps(pp.add(off)));
+        let l = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(lp.add(off)), lov), aidv), bp), mv);
+        mx = _mm512_max_ps(mx, l);
+        if (c + 1) % (GROUP / BLOCK) == 0 || c + 1 == nblk {
+            _mm512_storeu_ps(buf.as_mut_ptr(), mx);
+            gmax.extend_from_slice(&buf);
+            mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        }
+    }
+    let t0 = kth_or_min(gmax, k);
+    let tv = _mm512_set1_ps(t0);
+    cands.clear();
+    let (mut lm, mut um) = ([0f32; BLOCK], [0f32; BLOCK]);
+    for c in 0..nblk {
+        let off = c * BLOCK;
+        let bp = _mm512_mul_ps(bwv, _mm512_loadu_ps(pp.add(off)));
+        let u = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(up.add(off)), lov), aidv), bp), mv);
+        let mut mask = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(u, tv);
+        if mask == 0 {
+            continue; // most blocks
+        }
+        let l = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(lp.add(off)), lov), aidv), bp), mv);
+        _mm512_storeu_ps(lm.as_mut_ptr(), l);
+        _mm512_storeu_ps(um.as_mut_ptr(), u);
+        while mask != 0 {
+            let r = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            cands.push(((off + r) as u32, lm[r], um[r]));
+        }
+    }
+    select_finish(cands, k, gmax)
+}
+
 impl Index {
-    pub fn build(y: Vec<f32>, n: usize, d: usize, prior: Vec<f32>) -> Index {
+    pub fn build(y: Vec<f32>, n: usize, d: usize, prior: Vec<f32>, kernel: Kernel) -> Index {
         let dp = d.div_ceil(CHUNK).max(1) * CHUNK;
+        let n_pad = n.div_ceil(BLOCK) * BLOCK;
         let mut q = vec![0i8; n * dp];
-        let mut scale = vec![0f32; n];
+        let mut scale = vec![0f32; n_pad];
         let mut exact_only = d == 0 || d > MAX_D || prior.iter().any(|p| !p.is_finite());
         let mut max_scale = 0f64;
         for i in 0..n {
@@ -395,7 +774,13 @@ impl Index {
             .collect();
         order.sort_unstable();
         let prior_order = order.into_iter().map(|h| h.pos).collect();
-        Index { n, d, dp, y, q, scale, prior, prior_order, max_scale, exact_only }
+        let max_abs_prior = prior.iter().fold(0f64, |m, p| m.max(p.abs() as f64));
+        let mut prior_pad = prior.clone();
+        prior_pad.resize(n_pad, 0.0);
+        let kernel = if kernel.supported() { kernel } else { Kernel::Portable };
+        let (q, qb) = if kernel == Kernel::Avx512 { (Vec::new(), blocked(&q, n, dp)) } else { (q, Vec::new()) };
+        Index { n, d, dp, n_pad, y, kernel, q, qb, scale, prior, prior_pad, prior_order, max_scale, max_abs_prior,
+                exact_only }
     }
 
     pub fn n(&self) -> usize {
@@ -404,6 +789,10 @@ impl Index {
 
     pub fn d(&self) -> usize {
         self.d
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
     }
 
     pub fn exact_only(&self) -> bool {
@@ -481,12 +870,21 @@ impl Index {
     }
 
     fn fast(&self, v: &[f32], k: usize, w: f64, exclude: &[usize], bound_scale: f32) -> Option<(Vec<Hit>, Pass)> {
+        // SAFETY: the index only holds a kernel the CPU supports (checked at build). The
+        // target features change no result: same f32 operations in the same order, no FMA.
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2. Same f32 operations in the same order, no FMA:
-            // the same bits as the portable build.
-            return unsafe { self.fast_avx2(v, k, w, exclude, bound_scale) };
+        match self.kernel {
+            Kernel::Avx512 => return unsafe { self.fast_avx512(v, k, w, exclude, bound_scale) },
+            Kernel::Avx2 => return unsafe { self.fast_avx2(v, k, w, exclude, bound_scale) },
+            Kernel::Portable => {}
         }
+        self.fast_body(v, k, w, exclude, bound_scale)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
+    unsafe fn fast_avx512(&self, v: &[f32], k: usize, w: f64, exclude: &[usize], bound_scale: f32)
+                          -> Option<(Vec<Hit>, Pass)> {
         self.fast_body(v, k, w, exclude, bound_scale)
     }
 
@@ -498,7 +896,7 @@ impl Index {
 
     #[inline(always)]
     fn fast_body(&self, v: &[f32], k: usize, w: f64, exclude: &[usize], bound_scale: f32) -> Option<(Vec<Hit>, Pass)> {
-        let (n, d) = (self.n, self.d);
+        let (n, d, dp, n_pad) = (self.n, self.d, self.dp, self.n_pad);
         if v.len() != d || v.iter().any(|x| !x.is_finite()) {
             return None;
         }
@@ -512,87 +910,183 @@ impl Index {
         if blend_on && !(w <= 1.0) {
             return None; // 1 - w < 0 would make the blend decreasing in s
         }
+        // The buffers leave the thread-local slot for the call (no borrow held across it).
+        let mut sc = SCRATCH.with(|c| c.take());
         let sv = vmax / P_MAX;
-        let mut p = vec![0i16; self.dp];
+        sc.p.clear();
+        sc.p.resize(dp, 0);
         let mut r1 = 0f64;
         for (j, &x) in v.iter().enumerate() {
             let r = (x / sv).round().clamp(-P_MAX, P_MAX);
-            p[j] = r as i16;
+            sc.p[j] = r as i16;
             r1 += (x as f64 - sv as f64 * r as f64).abs();
         }
         let kf = Self::bound_factor(v1, r1) * bound_scale;
-
-        let mut isum = vec![0i32; n];
-        coarse(&self.q, self.dp, &p, &mut isum);
-        let mut lower = vec![0f32; n];
-        let mut upper = vec![0f32; n];
-        for (((lo, up), &is), &s) in lower.iter_mut().zip(upper.iter_mut()).zip(&isum).zip(&self.scale) {
-            let c = (s * sv) * is as f32;
-            let e = s * kf + ABS_SLACK;
-            *lo = c - e;
-            *up = c + e;
+        if sc.lower.len() < n_pad {
+            sc.lower.resize(n_pad, 0.0);
+            sc.upper.resize(n_pad, 0.0);
         }
+        let ext = match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512 F/BW/VNNI (the index's kernel); qb holds n_pad rows
+            // of dp, scale and the bounds n_pad values.
+            Kernel::Avx512 => unsafe {
+                bounds_avx512(&self.qb, n, dp, &sc.p, &self.scale, sv, kf, &mut sc.lower, &mut sc.upper)
+            },
+            kernel => {
+                if sc.isum.len() < n {
+                    sc.isum.resize(n, 0);
+                }
+                let isum = &mut sc.isum[..n];
+                #[cfg(target_arch = "x86_64")]
+                if kernel == Kernel::Avx2 {
+                    // SAFETY: the CPU has AVX2 (the index's kernel); q holds n rows of dp.
+                    unsafe { coarse_avx2(&self.q, dp, &sc.p, isum) };
+                } else {
+                    coarse_portable(&self.q, dp, &sc.p, isum);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                coarse_portable(&self.q, dp, &sc.p, isum);
+                bounds_from_sums(isum, &self.scale[..n], sv, kf, &mut sc.lower[..n], &mut sc.upper[..n])
+            }
+        };
+        let out = self.fast_select(&mut sc, v, k, w, exclude, ext);
+        SCRATCH.with(|c| c.replace(sc));
+        Some(out)
+    }
+
+    #[inline(always)]
+    fn fast_select(&self, sc: &mut Scratch, v: &[f32], k: usize, w: f64, exclude: &[usize], ext: Extremes)
+                   -> (Vec<Hit>, Pass) {
+        let (n, n_pad) = (self.n, self.n_pad);
+        let (lower, upper) = (&mut sc.lower[..n_pad], &mut sc.upper[..n_pad]);
         let mut rescored = 0usize;
 
         // Blend: lo/hi are the exact min/max of s over ALL items. The max is held by a
         // row whose upper bound reaches the largest lower bound (that row's s is at least
         // it), the min likewise.
-        let blend = if blend_on {
-            let (max_lower, min_upper) = (chunk_max(&lower), chunk_min(&upper));
+        let blend = if w > 0.0 {
             let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-            at_least(&upper, max_lower, |i| {
+            let mut rows_hi = |i: usize| {
                 hi = hi.max(dot(self.row(i), v));
-                rescored += 1;
-            });
-            at_most(&lower, min_upper, |i| {
+            };
+            let mut rows_lo = |i: usize| {
                 lo = lo.min(dot(self.row(i), v));
-                rescored += 1;
-            });
-            let b = Blend::new(w, lo, hi);
-            // The blend is monotone in s (each f32 operation is), so each item's blended
-            // score lies between the blends of its bounds clamped to [lo, hi].
-            if b.flat {
-                for ((l, u), &pr) in lower.iter_mut().zip(upper.iter_mut()).zip(&self.prior) {
-                    *l = b.apply(0.0, pr);
-                    *u = *l;
-                }
-            } else {
-                // Branch-free so that it vectorizes; same operations as `Blend::apply`.
-                let (a, bw, lo_, den) = (b.a, b.b, b.lo, b.denom);
-                for ((l, u), &pr) in lower.iter_mut().zip(upper.iter_mut()).zip(&self.prior) {
-                    let (cl, cu) = (if *l > lo { *l } else { lo }, if *u < hi { *u } else { hi });
-                    *l = a * ((cl - lo_) / den) + bw * pr;
-                    *u = a * ((cu - lo_) / den) + bw * pr;
+            };
+            let (mut count_hi, mut count_lo) = (0usize, 0usize);
+            match self.kernel {
+                // SAFETY: the CPU has AVX-512 F (the index's kernel); the bounds hold n_pad values.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => unsafe {
+                    extreme_rows_avx512(lower, upper, n, ext.max_lower, ext.min_upper,
+                                        |i| { rows_hi(i); count_hi += 1 }, |i| { rows_lo(i); count_lo += 1 })
+                },
+                _ => {
+                    at_least(&upper[..n], ext.max_lower, |i| { rows_hi(i); count_hi += 1 });
+                    at_most(&lower[..n], ext.min_upper, |i| { rows_lo(i); count_lo += 1 });
                 }
             }
-            Some(b)
+            rescored += count_hi + count_lo;
+            Some(Blend::new(w, lo, hi))
         } else {
             None
         };
+        let map = match &blend {
+            None => Some(Map::Identity),
+            Some(b) => Map::linear(b, &ext, self.max_abs_prior),
+        };
+        let Some(map) = map else {
+            // Flat blend, weight 1 or extreme values: rewrite every bound with the blend.
+            let b = blend.expect("a blend");
+            let hits = self.select_rewrite(&mut lower[..n], &mut upper[..n], v, k, &b, exclude);
+            rescored += hits.1;
+            return (hits.0, Pass::Fast { rescored });
+        };
 
-        // Excluded rows drop out of the selection (they did count for lo/hi).
+        // Excluded rows drop out of the selection (they did count for lo/hi), padding too.
+        lower[n..].fill(f32::NEG_INFINITY);
+        upper[n..].fill(f32::NEG_INFINITY);
         for &i in exclude {
             lower[i] = f32::NEG_INFINITY;
             upper[i] = f32::NEG_INFINITY;
         }
-        let n_allowed = n - exclude.len(); // distinct positions (the wrapper dedupes)
-        let threshold = if n_allowed <= k { f32::MIN } else { kth_largest(&lower, k) };
+        let prior = &self.prior_pad[..];
+        let threshold = match self.kernel {
+            // SAFETY: the CPU has AVX-512 F (the index's kernel); all three hold n_pad values.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => unsafe { select_avx512(lower, upper, prior, map, k, &mut sc.cands, &mut sc.gmax) },
+            _ => select_portable(lower, upper, prior, map, k, &mut sc.cands, &mut sc.gmax),
+        };
         // A row left out has an upper bound below the k-th best lower bound: at least k
         // allowed rows score strictly more, so ties cannot involve it.
-        let mut hits = Vec::with_capacity(4 * k + 16);
-        at_least(&upper, threshold, |i| {
+        sc.cands.retain(|&(_, _, u)| u >= threshold);
+        #[cfg(target_arch = "x86_64")]
+        for &(i, _, _) in sc.cands.iter() {
+            // The rows are scattered over the f32 matrix: start every fetch before the dots.
+            let row = self.row(i as usize);
+            for line in (0..row.len()).step_by(16) {
+                // SAFETY: a prefetch of an address inside the row; never faults.
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                    _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().add(line) as *const i8);
+                }
+            }
+        }
+        let mut hits = Vec::with_capacity(sc.cands.len());
+        for &(i, _, _) in sc.cands.iter() {
+            let i = i as usize;
             let s = dot(self.row(i), v);
             let score = match &blend {
                 Some(b) => b.apply(s, self.prior[i]),
                 None => s,
             };
             hits.push(Hit { score, pos: i as u32 });
-        });
+        }
         rescored += hits.len();
         hits.sort_unstable();
         hits.truncate(k);
         hits.retain(|h| h.score > f32::NEG_INFINITY);
-        Some((hits, Pass::Fast { rescored }))
+        (hits, Pass::Fast { rescored })
+    }
+
+    /// The general blend: every item's bounds rewritten with `Blend::apply` (monotone in s,
+    /// as each f32 operation is) on the bounds clamped to [lo, hi]. Returns the hits and the
+    /// rows rescored.
+    #[inline(always)]
+    fn select_rewrite(&self, lower: &mut [f32], upper: &mut [f32], v: &[f32], k: usize, b: &Blend, exclude: &[usize])
+                      -> (Vec<Hit>, usize) {
+        let n = self.n;
+        if b.flat {
+            for ((l, u), &pr) in lower.iter_mut().zip(upper.iter_mut()).zip(&self.prior) {
+                *l = b.apply(0.0, pr);
+                *u = *l;
+            }
+        } else {
+            // Branch-free so that it vectorizes; same operations as `Blend::apply`.
+            let (a, bw, lo, den) = (b.a, b.b, b.lo, b.denom);
+            let hi = b.hi;
+            for ((l, u), &pr) in lower.iter_mut().zip(upper.iter_mut()).zip(&self.prior) {
+                let (cl, cu) = (if *l > lo { *l } else { lo }, if *u < hi { *u } else { hi });
+                *l = a * ((cl - lo) / den) + bw * pr;
+                *u = a * ((cu - lo) / den) + bw * pr;
+            }
+        }
+        for &i in exclude {
+            lower[i] = f32::NEG_INFINITY;
+            upper[i] = f32::NEG_INFINITY;
+        }
+        let n_allowed = n - exclude.len(); // distinct positions (the wrapper dedupes)
+        let threshold = if n_allowed <= k { f32::MIN } else { kth_largest(lower, k) };
+        let mut hits = Vec::with_capacity(4 * k + 16);
+        at_least(upper, threshold, |i| {
+            let s = dot(self.row(i), v);
+            hits.push(Hit { score: b.apply(s, self.prior[i]), pos: i as u32 });
+        });
+        let rescored = hits.len();
+        hits.sort_unstable();
+        hits.truncate(k);
+        hits.retain(|h| h.score > f32::NEG_INFINITY);
+        (hits, rescored)
     }
 
     #[inline(always)]
@@ -603,8 +1097,10 @@ impl Index {
 
 /// A model's item factors and popularity prior, indexed for exact top-k queries.
 ///
-/// `ScoreIndex(factors, prior)`: factors a C-contiguous float32 (n, d) buffer, prior a
-/// float32 (n,) buffer (both copied). `top_k(vector, k, weight=0.0, exclude=(),
+/// `ScoreIndex(factors, prior, kernel=None)`: factors a C-contiguous float32 (n, d) buffer,
+/// prior a float32 (n,) buffer (both copied); kernel the coarse pass's integer kernel
+/// ("avx512", "avx2", "portable"; None = the best this CPU has, see `kernels()`): every
+/// kernel gives the same results, the choice is for tests. `top_k(vector, k, weight=0.0, exclude=(),
 /// exact=False)` -> (positions, scores), best first, ties by lower position.
 #[pyclass(module = "streams._native", frozen)]
 pub struct ScoreIndex {
@@ -626,7 +1122,14 @@ fn f32_buffer(obj: &Bound<'_, PyAny>, what: &str, dims: usize) -> PyResult<PyBuf
 #[pymethods]
 impl ScoreIndex {
     #[new]
-    fn new(py: Python<'_>, factors: &Bound<'_, PyAny>, prior: &Bound<'_, PyAny>) -> PyResult<Self> {
+    #[pyo3(signature = (factors, prior, kernel=None))]
+    fn new(py: Python<'_>, factors: &Bound<'_, PyAny>, prior: &Bound<'_, PyAny>, kernel: Option<&str>) -> PyResult<Self> {
+        let kernel = match kernel {
+            None => Kernel::best(),
+            Some(name) => *Kernel::ALL.iter().find(|k| k.name() == name && k.supported()).ok_or_else(|| {
+                PyValueError::new_err(format!("kernel {name:?}: not one of this CPU's {:?}", Self::kernels()))
+            })?,
+        };
         let fb = f32_buffer(factors, "factors", 2)?;
         let (n, d) = (fb.shape()[0], fb.shape()[1]);
         let pb = f32_buffer(prior, "prior", 1)?;
@@ -637,7 +1140,7 @@ impl ScoreIndex {
             return Err(PyValueError::new_err("too many rows"));
         }
         let (y, prior) = (fb.to_vec(py)?, pb.to_vec(py)?);
-        let core = py.allow_threads(|| Index::build(y, n, d, prior));
+        let core = py.allow_threads(|| Index::build(y, n, d, prior, kernel));
         Ok(ScoreIndex { core, fast_calls: AtomicU64::new(0), exact_calls: AtomicU64::new(0), rescored: AtomicU64::new(0) })
     }
 
@@ -649,6 +1152,18 @@ impl ScoreIndex {
     #[getter]
     fn d(&self) -> usize {
         self.core.d()
+    }
+
+    /// The coarse pass's integer kernel: "avx512", "avx2" or "portable".
+    #[getter]
+    fn kernel(&self) -> &'static str {
+        self.core.kernel().name()
+    }
+
+    /// The kernels this CPU runs, best last.
+    #[staticmethod]
+    fn kernels() -> Vec<&'static str> {
+        Kernel::ALL.iter().filter(|k| k.supported()).map(|k| k.name()).collect()
     }
 
     /// True when the index always takes the full exact pass (non-finite or extreme factors).
@@ -684,16 +1199,15 @@ impl ScoreIndex {
             }
         };
         // Distinct, in range: the fast path counts the allowed rows from it.
-        let mut seen = vec![false; if exclude.is_empty() { 0 } else { n }];
         let mut positions = Vec::with_capacity(exclude.len());
         for &x in &exclude {
             if x < 0 || x as usize >= n {
                 return Err(PyValueError::new_err(format!("exclude position {x} outside 0..{n}")));
             }
-            if !std::mem::replace(&mut seen[x as usize], true) {
-                positions.push(x as usize);
-            }
+            positions.push(x as usize);
         }
+        positions.sort_unstable();
+        positions.dedup();
         if !(bound_scale.is_finite() && bound_scale >= 0.0) {
             return Err(PyValueError::new_err(format!("bound_scale {bound_scale}: need a finite value >= 0")));
         }

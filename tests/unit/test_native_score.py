@@ -281,3 +281,62 @@ def test_cold_start_walks_the_prior_order(prior, k, exclude, why):
     for exact in (False, True):
         got = index.top_k(None, k, 0.0, exclude, exact=exact)
         assert got == (want_idx.tolist(), want_scores.tolist()), why
+
+
+def test_every_kernel_gives_the_same_bounds_and_results():
+    # Integer sums are exact, so the AVX-512 VNNI, AVX2 and portable kernels must agree on
+    # every result bit and on the candidates (the rescored count).
+    kernels = ScoreIndex.kernels()
+    assert kernels[0] == "portable"
+    rng = np.random.default_rng(11)
+    for family in FAMILIES:
+        n, d = int(rng.choice([1, 17, 300, 2000])), int(rng.choice([1, 5, 16, 64, 70, 200]))
+        y = family(rng, n, d)
+        prior = popularity_prior(rng.poisson(3.0, n))
+        indexes = [ScoreIndex(y, prior, kernel=name) for name in kernels]
+        assert [ix.kernel for ix in indexes] == kernels
+        assert ScoreIndex(y, prior).kernel == kernels[-1], "the default is the best kernel"
+        for _ in range(6):
+            v = vector(rng, d, family)
+            k, w = int(rng.choice([1, 10, n + 1])), float(rng.choice([0.0, 0.3, 1.0]))
+            ex = excludes(rng, n, str(rng.choice(["none", "some"])))
+            want = indexes[0].top_k(v, k, w, ex, exact=True)
+            for ix in indexes:
+                got = ix.top_k(v, k, w, ex)
+                assert got[0] == want[0], (family.__name__, ix.kernel)
+                assert np.array_equal(np.array(got[1], np.float32).view(np.uint32),
+                                      np.array(want[1], np.float32).view(np.uint32))
+        # Fast-path calls and rescored rows (the first index also ran the full passes).
+        assert len({(ix.stats()[0], ix.stats()[2]) for ix in indexes}) == 1, [ix.stats() for ix in indexes]
+
+
+def test_an_unknown_kernel_is_refused():
+    with pytest.raises(ValueError):
+        ScoreIndex(np.ones((3, 2), np.float32), np.zeros(3, np.float32), kernel="sse9")
+
+
+@pytest.mark.parametrize("w", [1e-12, 1e-6, 0.5, 1 - 2**-20, 1 - 1e-12])
+@pytest.mark.parametrize("prior_kind", ["unit", "negative", "huge", "tiny", "ties"])
+def test_the_blend_enclosure_is_exact_at_extreme_weights_and_priors(w, prior_kind):
+    # The fast path bounds the blended scores by (s - lo) * (a / den) + b * prior ∓ a margin
+    # instead of the blend itself: extreme weights (a or b near 0) and priors (large, negative,
+    # tiny, tied) must still give the full pass's positions and bits.
+    rng = np.random.default_rng(int(w * 1e6) % 2**32 + len(prior_kind))
+    for family in (gaussian, near_ties, rounding_edge, scaled_copies):
+        n, d = 3000, 64
+        y = family(rng, n, d)
+        prior = {"unit": lambda: popularity_prior(rng.poisson(3.0, n)),
+                 "negative": lambda: rng.standard_normal(n).astype(np.float32),
+                 "huge": lambda: (rng.standard_normal(n) * 1e20).astype(np.float32),
+                 "tiny": lambda: (rng.random(n) * 1e-30).astype(np.float32),
+                 "ties": lambda: rng.integers(0, 3, n).astype(np.float32)}[prior_kind]()
+        index = ScoreIndex(y, prior)
+        for _ in range(4):
+            v = vector(rng, d, family)
+            ex = excludes(rng, n, "some")
+            for k in (1, 10, 100):
+                fast, full = index.top_k(v, k, w, ex), index.top_k(v, k, w, ex, exact=True)
+                assert fast[0] == full[0], (family.__name__, k)
+                assert np.array_equal(np.array(fast[1], np.float32).view(np.uint32),
+                                      np.array(full[1], np.float32).view(np.uint32))
+        assert index.stats()[0] > 0
