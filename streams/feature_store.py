@@ -35,6 +35,7 @@ entity that went quiet; either way the reader should not trust it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from typing import Literal, Union
 import orjson
 
 VERSION_FIELD = "_v"
+_VERSION_BYTES = VERSION_FIELD.encode()
 TS_PREFIX = "_ts:"
 
 FeatureValue = Union[int, float, str, bool, None, list]
@@ -288,21 +290,34 @@ return codes
 """
 
 
+@functools.cache
+def _hash_fields(group: FeatureGroup, as_bytes: bool) -> tuple:
+    """A group's timestamp field and (feature, field) pairs, as str or as bytes."""
+    enc = (lambda f: f.encode()) if as_bytes else (lambda f: f)
+    return enc(group.ts_field), tuple((f, enc(group.field(f))) for f in group.features)
+
+
 def read(spec: EntitySpec, version: int, raw: Mapping[bytes | str, bytes | str],
          now: int) -> EntityRead:
     """An entity's hash (as HGETALL returns it) to groups with fresh/stale/missing status."""
-    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
-    stored_version = _int_or_none(fields.get(VERSION_FIELD))
+    if all(type(k) is bytes for k in raw):  # as Redis answers: fields looked up as bytes
+        fields: Mapping = raw
+        as_bytes = True
+    else:
+        fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+        as_bytes = False
+    stored_version = _int_or_none(fields.get(_VERSION_BYTES if as_bytes else VERSION_FIELD))
     groups = {}
     for group in spec.groups:
-        ts = _int_or_none(fields.get(group.ts_field))
-        groups[group.name] = GroupRead("missing", {}, None, None)
-        if stored_version != version or ts is None:
-            continue
-        try:
-            values = {f: decode_value(fields[group.field(f)]) for f in group.features}
-        except (KeyError, FeatureError):
-            continue  # a damaged group is never half-served
-        status: Status = "stale" if now - ts > group.max_age_ms else "fresh"
-        groups[group.name] = GroupRead(status, values, ts, max(0, now - ts))
+        ts_field, names = _hash_fields(group, as_bytes)
+        ts = _int_or_none(fields.get(ts_field))
+        read_ = None
+        if stored_version == version and ts is not None:
+            try:
+                values = {f: decode_value(fields[name]) for f, name in names}
+                status: Status = "stale" if now - ts > group.max_age_ms else "fresh"
+                read_ = GroupRead(status, values, ts, max(0, now - ts))
+            except (KeyError, FeatureError):
+                pass  # a damaged group is never half-served
+        groups[group.name] = read_ or GroupRead("missing", {}, None, None)
     return EntityRead(stored_version, groups)

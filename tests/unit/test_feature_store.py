@@ -139,6 +139,15 @@ def test_staleness(raw, statuses, why):
             assert r.values == {} and r.age_ms is None
 
 
+def test_bytes_str_and_mixed_field_names_read_alike():
+    raw = hash_of(a=(NOW - MIN, {"x": 1, "y": [2, "3"]}), b=(NOW - 40 * MIN, {"z": None}))
+    as_str = {k.decode(): v.decode() for k, v in raw.items()}
+    mixed = {(k.decode() if i % 2 else k): v for i, (k, v) in enumerate(raw.items())}
+    reads = [read(SPEC, 1, h, NOW) for h in (raw, as_str, mixed)]
+    assert reads[0].groups["a"].values == {"x": 1, "y": [2, "3"]}
+    assert reads[0] == reads[1] == reads[2]
+
+
 def test_stale_values_are_visible_but_not_served():
     got = read(SPEC, 1, hash_of(a=(NOW - 11 * MIN, {"x": 4, "y": 0.5})), NOW)
     assert got.groups["a"].values == {"x": 4, "y": 0.5} and got.groups["a"].age_ms == 11 * MIN
