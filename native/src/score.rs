@@ -255,7 +255,7 @@ fn row_bounds(is: i32, s: f32, sv: f32, kf: f32) -> (f32, f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2")]
 unsafe fn bounds_avx512(qb: &[u8], n: usize, dp: usize, p: &[i16], scale: &[f32], sv: f32, kf: f32,
-                        lower: &mut [f32], upper: &mut [f32]) -> Extremes {
+                        lower: &mut [f32], upper: &mut [f32], seeds: &mut Vec<u32>) -> Extremes {
     use std::arch::x86_64::*;
     let groups = dp / 4; // dp is a multiple of 16: groups is even
     let (mut hi, mut lo) = ([0i32; MAX_D / 4], [0i32; MAX_D / 4]);
@@ -266,6 +266,17 @@ unsafe fn bounds_avx512(qb: &[u8], n: usize, dp: usize, p: &[i16], scale: &[f32]
     let (mut max_l, mut min_u) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_set1_ps(f32::INFINITY));
     let (mut min_l, mut max_u) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(f32::NEG_INFINITY));
     let q = qb.as_ptr();
+    // Seeds for the selection: per group of SEED_BLOCKS blocks and lane, the row with the
+    // largest lower bound (16 distinct rows per group).
+    // Written by index into a buffer sized up front: no call (which would spill every
+    // vector register) inside the loop.
+    seeds.clear();
+    seeds.reserve(nblk.div_ceil(SEED_BLOCKS) * BLOCK);
+    let seed_out = seeds.as_mut_ptr();
+    let mut n_seeds = 0;
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let (mut gl, mut gi) = (_mm512_set1_ps(f32::NEG_INFINITY), _mm512_setzero_si512());
+    let mut lanes = [0u32; BLOCK];
     for b in 0..nblk {
         let base = q.add(b * BLOCK * dp);
         // Four independent chains (hi/lo x even/odd group) hide vpdpbusd's latency.
@@ -293,19 +304,34 @@ unsafe fn bounds_avx512(qb: &[u8], n: usize, dp: usize, p: &[i16], scale: &[f32]
         _mm512_storeu_ps(lower.as_mut_ptr().add(b * BLOCK), l);
         _mm512_storeu_ps(upper.as_mut_ptr().add(b * BLOCK), u);
         let rows = n - b * BLOCK;
+        let valid: __mmask16 = if rows >= BLOCK { 0xffff } else { ((1u32 << rows) - 1) as __mmask16 };
+        let idx = _mm512_add_epi32(iota, _mm512_set1_epi32((b * BLOCK) as i32));
         if rows >= BLOCK {
             max_l = _mm512_max_ps(max_l, l);
             min_u = _mm512_min_ps(min_u, u);
             min_l = _mm512_min_ps(min_l, l);
             max_u = _mm512_max_ps(max_u, u);
         } else {
-            let m: __mmask16 = ((1u32 << rows) - 1) as __mmask16;
-            max_l = _mm512_mask_max_ps(max_l, m, max_l, l);
-            min_u = _mm512_mask_min_ps(min_u, m, min_u, u);
-            min_l = _mm512_mask_min_ps(min_l, m, min_l, l);
-            max_u = _mm512_mask_max_ps(max_u, m, max_u, u);
+            max_l = _mm512_mask_max_ps(max_l, valid, max_l, l);
+            min_u = _mm512_mask_min_ps(min_u, valid, min_u, u);
+            min_l = _mm512_mask_min_ps(min_l, valid, min_l, l);
+            max_u = _mm512_mask_max_ps(max_u, valid, max_u, u);
+        }
+        let better = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(valid, l, gl);
+        gl = _mm512_mask_mov_ps(gl, better, l);
+        gi = _mm512_mask_mov_epi32(gi, better, idx);
+        if (b + 1) % SEED_BLOCKS == 0 || b + 1 == nblk {
+            let mut set = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(gl, _mm512_set1_ps(f32::NEG_INFINITY)) as u32;
+            _mm512_storeu_si512(lanes.as_mut_ptr() as *mut _, gi);
+            while set != 0 {
+                seed_out.add(n_seeds).write(lanes[set.trailing_zeros() as usize]);
+                n_seeds += 1;
+                set &= set - 1;
+            }
+            gl = _mm512_set1_ps(f32::NEG_INFINITY);
         }
     }
+    seeds.set_len(n_seeds); // written above, within the reserved capacity
     Extremes {
         max_lower: _mm512_reduce_max_ps(max_l),
         min_upper: _mm512_reduce_min_ps(min_u),
@@ -538,6 +564,7 @@ struct Scratch {
     upper: Vec<f32>,
     cands: Vec<(u32, f32, f32)>,
     gmax: Vec<f32>,
+    seeds: Vec<u32>,
 }
 
 thread_local! {
@@ -628,6 +655,34 @@ unsafe fn extreme_rows_avx512(lower: &[f32], upper: &[f32], n: usize, max_lower:
 
 /// Rows per group of the selection's first pass: each group gives 16 maxima of distinct rows.
 const GROUP: usize = 16 * BLOCK;
+/// Blocks per group of the AVX-512 seeds (see `bounds_avx512`).
+const SEED_BLOCKS: usize = 64;
+
+/// The k-th largest of the values, f32::MIN when fewer than k are finite: a sorted array for
+/// small k (most values lose to its last entry at one comparison).
+fn kth_of(values: impl Iterator<Item = f32>, k: usize, buf: &mut Vec<f32>) -> f32 {
+    const SMALL: usize = 64;
+    if k == 0 {
+        return f32::MIN;
+    }
+    if k > SMALL {
+        buf.clear();
+        buf.extend(values);
+        return kth_or_min(buf, k);
+    }
+    let mut top = [f32::NEG_INFINITY; SMALL];
+    for x in values {
+        if x > top[k - 1] {
+            let mut j = k - 1;
+            while j > 0 && top[j - 1] < x {
+                top[j] = top[j - 1];
+                j -= 1;
+            }
+            top[j] = x;
+        }
+    }
+    if top[k - 1] > f32::NEG_INFINITY { top[k - 1] } else { f32::MIN }
+}
 
 /// The k-th largest of the values, f32::MIN when fewer than k are finite.
 fn kth_or_min(values: &[f32], k: usize) -> f32 {
@@ -677,15 +732,16 @@ fn select_portable(lower: &[f32], upper: &[f32], prior: &[f32], map: Map, k: usi
 
 /// T from the candidates: the k-th largest of their mapped lower bounds.
 fn select_finish(cands: &[(u32, f32, f32)], k: usize, buf: &mut Vec<f32>) -> f32 {
-    buf.clear();
-    buf.extend(cands.iter().map(|c| c.1));
-    kth_or_min(buf, k)
+    kth_of(cands.iter().map(|c| c.1), k, buf)
 }
 
-/// `select_portable` in AVX-512 (the same f32 operations, so the same values).
+/// `select_portable` in AVX-512, the first pass replaced by the seeds of `bounds_avx512`
+/// (per group of 64 blocks and lane, the row with the largest lower bound: distinct rows, so
+/// the k-th largest of their mapped lower bounds is again at most T). Same f32 operations, so
+/// the same candidates after the final threshold.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn select_avx512(lower: &[f32], upper: &[f32], prior: &[f32], map: Map, k: usize,
+unsafe fn select_avx512(lower: &[f32], upper: &[f32], prior: &[f32], map: Map, k: usize, seeds: &[u32],
                         cands: &mut Vec<(u32, f32, f32)>, gmax: &mut Vec<f32>) -> f32 {
     use std::arch::x86_64::*;
     let (lo, aid, bw, m) = map.params();
@@ -693,24 +749,18 @@ unsafe fn select_avx512(lower: &[f32], upper: &[f32], prior: &[f32], map: Map, k
     let nblk = lower.len() / BLOCK;
     debug_assert!(lower.len() == nblk * BLOCK && upper.len() == nblk * BLOCK && prior.len() == nblk * BLOCK);
     let (lp, up, pp) = (lower.as_ptr(), upper.as_ptr(), prior.as_ptr());
-    gmax.clear();
-    gmax.reserve(nblk + BLOCK);
-    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut buf = [0f32; BLOCK];
-    for c in 0..nblk {
-        let off = c * BLOCK;
-        let bp = _mm512_mul_ps(bwv, _mm512_loadu_ps(pp.add(off)));
-        let l = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(lp.add(off)), lov), aidv), bp), mv);
-        mx = _mm512_max_ps(mx, l);
-        if (c + 1) % (GROUP / BLOCK) == 0 || c + 1 == nblk {
-            _mm512_storeu_ps(buf.as_mut_ptr(), mx);
-            gmax.extend_from_slice(&buf);
-            mx = _mm512_set1_ps(f32::NEG_INFINITY);
-        }
-    }
-    let t0 = kth_or_min(gmax, k);
+    // The seeds are distinct rows (excluded ones now carry -inf bounds): the k-th largest of
+    // their mapped lower bounds is at most T.
+    let t0 = kth_of(seeds.iter().map(|&i| {
+        let i = i as usize;
+        ((lower[i] - lo) * aid + bw * prior[i]) - m
+    }), k, gmax);
     let tv = _mm512_set1_ps(t0);
+    // Sized up front and written by index (no call inside the loop, see `bounds_avx512`).
     cands.clear();
+    cands.reserve(nblk * BLOCK);
+    let cand_out = cands.as_mut_ptr();
+    let mut n_cands = 0;
     let (mut lm, mut um) = ([0f32; BLOCK], [0f32; BLOCK]);
     for c in 0..nblk {
         let off = c * BLOCK;
@@ -726,9 +776,11 @@ unsafe fn select_avx512(lower: &[f32], upper: &[f32], prior: &[f32], map: Map, k
         while mask != 0 {
             let r = mask.trailing_zeros() as usize;
             mask &= mask - 1;
-            cands.push(((off + r) as u32, lm[r], um[r]));
+            cand_out.add(n_cands).write(((off + r) as u32, lm[r], um[r]));
+            n_cands += 1;
         }
     }
+    cands.set_len(n_cands); // written above, within the reserved capacity
     select_finish(cands, k, gmax)
 }
 
@@ -931,7 +983,8 @@ impl Index {
             // SAFETY: the CPU has AVX-512 F/BW/VNNI (the index's kernel); qb holds n_pad rows
             // of dp, scale and the bounds n_pad values.
             Kernel::Avx512 => unsafe {
-                bounds_avx512(&self.qb, n, dp, &sc.p, &self.scale, sv, kf, &mut sc.lower, &mut sc.upper)
+                bounds_avx512(&self.qb, n, dp, &sc.p, &self.scale, sv, kf, &mut sc.lower, &mut sc.upper,
+                              &mut sc.seeds)
             },
             kernel => {
                 if sc.isum.len() < n {
@@ -1014,7 +1067,7 @@ impl Index {
         let threshold = match self.kernel {
             // SAFETY: the CPU has AVX-512 F (the index's kernel); all three hold n_pad values.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { select_avx512(lower, upper, prior, map, k, &mut sc.cands, &mut sc.gmax) },
+            Kernel::Avx512 => unsafe { select_avx512(lower, upper, prior, map, k, &sc.seeds, &mut sc.cands, &mut sc.gmax) },
             _ => select_portable(lower, upper, prior, map, k, &mut sc.cands, &mut sc.gmax),
         };
         // A row left out has an upper bound below the k-th best lower bound: at least k
