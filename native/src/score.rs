@@ -196,6 +196,61 @@ impl Kernel {
     }
 }
 
+/// A buffer on 2 MB-aligned memory advised as transparent huge pages (Linux): the coarse
+/// pass streams the whole of it, so one TLB entry instead of one per 4 KB page, and a cold
+/// query walks no page tables. Elsewhere (or if the advice is refused) ordinary pages.
+struct HugeBuf<T: Copy> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: HugeBuf owns its memory like a Vec<T> (T: Copy, no interior references).
+unsafe impl<T: Copy + Send> Send for HugeBuf<T> {}
+unsafe impl<T: Copy + Sync> Sync for HugeBuf<T> {}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+#[cfg(target_os = "linux")]
+extern "C" {
+    fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+}
+
+impl<T: Copy> HugeBuf<T> {
+    fn from_slice(data: &[T]) -> HugeBuf<T> {
+        let bytes = std::mem::size_of_val(data).max(1);
+        let align = if bytes >= HUGE_PAGE / 8 { HUGE_PAGE } else { 64 };
+        let size = bytes.div_ceil(align) * align;
+        let layout = std::alloc::Layout::from_size_align(size, align.max(std::mem::align_of::<T>())).expect("layout");
+        // SAFETY: size > 0; the pointer is checked; data is copied into the first len slots.
+        unsafe {
+            let raw = std::alloc::alloc(layout);
+            let Some(ptr) = std::ptr::NonNull::new(raw as *mut T) else { std::alloc::handle_alloc_error(layout) };
+            #[cfg(target_os = "linux")]
+            if align == HUGE_PAGE {
+                madvise(raw as *mut std::ffi::c_void, size, 14); // MADV_HUGEPAGE; refusal is harmless
+            }
+            std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len());
+            HugeBuf { ptr, len: data.len(), layout }
+        }
+    }
+}
+
+impl<T: Copy> std::ops::Deref for HugeBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: ptr holds len initialized values (from_slice).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Copy> Drop for HugeBuf<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated in from_slice with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr() as *mut u8, self.layout) }
+    }
+}
+
 /// The row-blocked layout of the AVX-512 kernel: block b holds rows 16b..16b+16; inside it,
 /// column group g (columns 4g..4g+4) is 64 bytes, row r's 4 bytes at 4r. Values are q + 128
 /// as u8 (vpdpbusd multiplies u8 by i8), padding rows and columns q = 0.
@@ -539,12 +594,14 @@ pub struct Index {
     dp: usize,
     /// n rounded up to whole blocks of 16: the length of `scale`, `prior_pad` and the bounds.
     n_pad: usize,
-    y: Vec<f32>,
+    /// The f32 rows (exact scores), on huge pages too: a cold query's rescored rows are
+    /// scattered over it.
+    y: HugeBuf<f32>,
     kernel: Kernel,
     /// Row-major i8 rows (portable and AVX2 kernels), else empty.
     q: Vec<i8>,
     /// The blocked u8 layout (AVX-512 kernel), else empty.
-    qb: Vec<u8>,
+    qb: HugeBuf<u8>,
     scale: Vec<f32>,
     prior: Vec<f32>,
     prior_pad: Vec<f32>,
@@ -831,6 +888,8 @@ impl Index {
         prior_pad.resize(n_pad, 0.0);
         let kernel = if kernel.supported() { kernel } else { Kernel::Portable };
         let (q, qb) = if kernel == Kernel::Avx512 { (Vec::new(), blocked(&q, n, dp)) } else { (q, Vec::new()) };
+        let qb = HugeBuf::from_slice(&qb);
+        let y = HugeBuf::from_slice(&y);
         Index { n, d, dp, n_pad, y, kernel, q, qb, scale, prior, prior_pad, prior_order, max_scale, max_abs_prior,
                 exact_only }
     }
