@@ -63,6 +63,9 @@ class Settings:
     session_gap_s: int = _env("CLICKLOOP_SESSION_GAP_S", 1, default=30 * 60)
     session_grace_s: int = _env("CLICKLOOP_SESSION_GRACE_S", 0, default=10 * 60)
     session_max_s: int = _env("CLICKLOOP_SESSION_MAX_S", 1, default=24 * 3600)
+    # A visitor with no open session whose last one ended this long ago in event time
+    # is forgotten (its next session has index 1); bounds the state. 0: never.
+    session_retention_s: int = _env("CLICKLOOP_SESSION_RETENTION_S", 0, default=30 * 24 * 3600)
     # Stream processors commit outputs, state and position every this many ms.
     checkpoint_ms: int = _env("CLICKLOOP_CHECKPOINT_MS", 10, default=1000)
     # Static group membership (KIP-345): a worker restarted with the same id

@@ -27,7 +27,8 @@ from streams.txstate import TransactionalState, dump_keyed, restore_keyed
 def config(settings: Settings) -> SessionConfig:
     return SessionConfig(gap_ms=settings.session_gap_s * 1000,
                          grace_ms=settings.session_grace_s * 1000,
-                         max_ms=settings.session_max_s * 1000)
+                         max_ms=settings.session_max_s * 1000,
+                         retention_ms=settings.session_retention_s * 1000)
 
 
 

@@ -29,6 +29,22 @@ Sessions of a visitor close in start order; each gets the visitor's running
 The session id is a hash of visitor, start and the first event's message id,
 so a replay of the same events yields the same ids.
 
+Retention bounds the state: a visitor with no open session whose last session
+ended `retention_ms` or more before the watermark (`watermark - end >=
+retention`) is forgotten, in the same watermark pass that closes sessions, so
+a replay forgets at the same point; an event of a visitor already due at the
+watermark before it finds it forgotten even when no pass ran in between (the
+same record moved the watermark), so how events were packed into records does
+not change who is forgotten. Its state leaves the partition and
+`take_dirty` yields it as (visitor, None), a tombstone in the changelog. A
+forgotten visitor who comes back starts again at `session_index` 1 with no
+previous session id, like an expired analytics cookie (Snowplow's
+domain_sessionidx, GA's client id). `retention_ms` 0 never forgets. A state
+restored from a changelog written before retention existed has no last end:
+the watermark at `load` stands for it (and is written back at the next
+checkpoint), so an upgrade starts every known visitor's clock then instead of
+forgetting them all at once.
+
 The rules run in a compiled core, `streams._native` (Rust, native/src/),
 that parses a `clicks` record and folds its events in one pass without
 building a Python object per event: that is what lets the sessionizer keep up
@@ -59,6 +75,7 @@ class SessionConfig:
     gap_ms: int = 30 * 60_000
     grace_ms: int = 10 * 60_000
     max_ms: int = 24 * 3_600_000
+    retention_ms: int = 30 * 24 * 3_600_000     # 0: never forget a visitor
 
 
 def item_of(event: ClickEvent) -> str | None:
@@ -112,7 +129,7 @@ class PartitionSessions:
         self.config = config
         self._core = _native.Partition(config.gap_ms, config.grace_ms, config.max_ms,
                                          sorted(SEARCH_EVENTS), sorted(ITEM_EVENTS),
-                                         watermark, next_offset)
+                                         watermark, next_offset, config.retention_ms)
 
     @property
     def watermark(self) -> int:
@@ -154,6 +171,11 @@ class PartitionSessions:
     @property
     def visitors(self) -> list[str]:
         return self._core.visitors()
+
+    @property
+    def visitor_count(self) -> int:
+        """Visitors whose state the partition holds (open sessions or within retention)."""
+        return len(self._core)
 
     def meta(self) -> dict:
         return {"watermark": self.watermark, "next_offset": self.next_offset}

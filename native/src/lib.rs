@@ -30,11 +30,19 @@ struct Partition {
 #[pymethods]
 impl Partition {
     #[new]
-    #[pyo3(signature = (gap_ms, grace_ms, max_ms, search_events, item_events, watermark=-1, next_offset=0))]
+    /// `retention_ms`: forget a visitor without open sessions once the watermark is
+    /// this far past the end of its last one (0: never).
+    #[pyo3(signature = (gap_ms, grace_ms, max_ms, search_events, item_events, watermark=-1, next_offset=0,
+                        retention_ms=0))]
+    #[allow(clippy::too_many_arguments)]
     fn new(gap_ms: i64, grace_ms: i64, max_ms: i64, search_events: Vec<String>,
-           item_events: Vec<String>, watermark: i64, next_offset: i64) -> Self {
+           item_events: Vec<String>, watermark: i64, next_offset: i64, retention_ms: i64) -> PyResult<Self> {
+        if retention_ms < 0 {
+            return Err(PyValueError::new_err(format!("retention_ms must be >= 0, got {retention_ms}")));
+        }
         let names = Names { search: search_events.into_iter().collect(), item: item_events.into_iter().collect() };
-        Partition { core: Core::new(Config { gap_ms, grace_ms, max_ms }, names, watermark, next_offset) }
+        let config = Config { gap_ms, grace_ms, max_ms, retention_ms };
+        Ok(Partition { core: Core::new(config, names, watermark, next_offset) })
     }
 
     #[getter]
@@ -105,6 +113,11 @@ impl Partition {
 
     fn visitors(&self) -> Vec<String> {
         self.core.visitors.keys().cloned().collect()
+    }
+
+    /// How many visitors the partition holds state for (without listing them).
+    fn __len__(&self) -> usize {
+        self.core.len()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The session windows of one partition: per-visitor open sessions, the
-//! partition's event-time watermark, dedupe and expiry. The rules are those
-//! documented in streams/sessions.py, which wraps this for Python.
+//! partition's event-time watermark, dedupe, expiry and retention (forgetting
+//! visitors idle for long). The rules are those documented in
+//! streams/sessions.py, which wraps this for Python.
 
 use crate::event::{murmur2, parse_envelope, Event, Scalar};
 use crate::session::{Names, OpenSession};
@@ -23,6 +24,9 @@ pub struct Config {
     pub gap_ms: i64,
     pub grace_ms: i64,
     pub max_ms: i64,
+    /// A visitor without open sessions is forgotten once the watermark is this far
+    /// past the end of its last session; 0: never.
+    pub retention_ms: i64,
 }
 
 /// A visitor's open sessions (disjoint, by start) and what closed before them.
@@ -31,9 +35,16 @@ pub struct VisitorState {
     pub open: Vec<OpenSession>,
     pub closed_count: i64,
     pub last_session_id: Option<String>,
+    /// End of the last closed session; None until one closed. A changelog written
+    /// before retention existed lacks it: `load` takes the watermark then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_end: Option<i64>,
     /// Changed since the last `take_dirty` (then listed in `Partition::dirty`).
     #[serde(skip)]
     pub dirty: bool,
+    /// Has an entry in `Partition::forget` (at most one per visitor).
+    #[serde(skip)]
+    pub forget_queued: bool,
 }
 
 /// What folding one record in produced; events are named by their index in the record.
@@ -55,6 +66,12 @@ pub struct Partition {
     /// (expiry, visitor): at least one entry per visitor with open sessions, at or
     /// before the expiry of its first one; stale entries are skipped when popped.
     expiry: BinaryHeap<Reverse<(i64, String)>>,
+    /// (forget at, visitor): one entry per visitor without open sessions that has
+    /// closed one, at or before the time it is to be forgotten (last end +
+    /// retention); an entry found early is pushed again at the visitor's time, one
+    /// whose visitor has open sessions again is dropped (it is pushed anew when they
+    /// close). At most one entry per visitor, so the heap stays within the map's size.
+    forget: BinaryHeap<Reverse<(i64, String)>>,
     /// Message ids of every open session of the partition.
     seen: FxHashSet<Arc<str>>,
     /// Visitors whose state changed since the last `take_dirty`.
@@ -64,22 +81,47 @@ pub struct Partition {
 impl Partition {
     pub fn new(config: Config, names: Names, watermark: i64, next_offset: i64) -> Self {
         Partition { config, names, visitors: Visitors::default(), watermark, next_offset,
-                    expiry: BinaryHeap::new(), seen: FxHashSet::default(), dirty: Vec::new() }
+                    expiry: BinaryHeap::new(), forget: BinaryHeap::new(), seen: FxHashSet::default(),
+                    dirty: Vec::new() }
     }
 
     fn slack(&self) -> i64 {
         self.config.gap_ms + self.config.grace_ms
     }
 
-    /// Put back a visitor's state read from the changelog.
-    pub fn load(&mut self, visitor: String, state: VisitorState) {
+    /// When a visitor whose last session ended at `end` is to be forgotten.
+    fn forget_at(&self, end: i64) -> i64 {
+        end.saturating_add(self.config.retention_ms)
+    }
+
+    /// Put back a visitor's state read from the changelog (the watermark first).
+    pub fn load(&mut self, visitor: String, mut state: VisitorState) {
         if let Some(first) = state.open.first() {
             self.expiry.push(Reverse((first.end + self.slack(), visitor.clone())));
         }
         for session in &state.open {
             self.seen.extend(session.message_ids.iter().cloned());
         }
+        if state.closed_count > 0 && state.last_end.is_none() {
+            // Written before retention existed: count the idle time from now, so an
+            // upgrade does not forget everyone at once; written back at the next
+            // checkpoint, so later restarts do not push it further.
+            state.last_end = Some(self.watermark);
+            state.dirty = true;
+            self.dirty.push(visitor.clone());
+        }
+        if self.config.retention_ms > 0 && state.open.is_empty() {
+            if let Some(end) = state.last_end {
+                state.forget_queued = true;
+                self.forget.push(Reverse((self.forget_at(end), visitor.clone())));
+            }
+        }
         self.visitors.insert(visitor, state);
+    }
+
+    /// How many visitors the partition holds state for.
+    pub fn len(&self) -> usize {
+        self.visitors.len()
     }
 
     /// Fold a record's events in, then close what the new watermark allows.
@@ -116,7 +158,7 @@ impl Partition {
             out.duplicates += 1;
             return;
         }
-        let Config { gap_ms: gap, grace_ms: grace, max_ms: max } = self.config;
+        let Config { gap_ms: gap, grace_ms: grace, max_ms: max, .. } = self.config;
         let state = self.visitors.entry_ref(visitor).or_default();
         let sessions = &mut state.open;
         let fast = sessions.len() == 1 && {
@@ -141,10 +183,21 @@ impl Partition {
                         out.late.push((index, LATE));
                         return;
                     }
+                    if self.config.retention_ms > 0 && due_to_forget(state, self.watermark, gap + grace,
+                                                                      self.config.retention_ms) {
+                        // The pass after the previous event would have closed its sessions
+                        // and forgotten it, had that event ended a record: do the same, so
+                        // that forgetting does not depend on how events were packed.
+                        close_due(visitor, state, self.watermark, gap + grace, &mut self.seen,
+                                  &mut self.dirty, out);
+                        state.closed_count = 0;
+                        state.last_session_id = None;
+                        state.last_end = None;
+                    }
                     let session = OpenSession::of(ev, ts, &mid, kind, &self.names);
                     let expiry = session.end + gap + grace;
-                    let at = sessions.partition_point(|s| s.start <= session.start);
-                    sessions.insert(at, session);
+                    let at = state.open.partition_point(|s| s.start <= session.start);
+                    state.open.insert(at, session);
                     self.expiry.push(Reverse((expiry, visitor.to_owned())));
                 }
                 Some((i, merged)) => {
@@ -165,48 +218,104 @@ impl Partition {
         }
     }
 
-    /// Emit every session the watermark has passed by gap + grace, each once.
+    /// Emit every session the watermark has passed by gap + grace, each once; then
+    /// forget the visitors idle for the retention.
     pub fn close_for(&mut self, watermark: i64, out: &mut Outputs) {
         let slack = self.slack();
+        let retention = self.config.retention_ms;
         while let Some(Reverse((expiry, _))) = self.expiry.peek() {
             if *expiry > watermark {
                 break;
             }
             let Reverse((_, visitor)) = self.expiry.pop().expect("peeked");
             let Some(state) = self.visitors.get_mut(&visitor) else { continue };
-            while state.open.first().is_some_and(|s| s.end + slack <= watermark) {
-                let session = state.open.remove(0);
-                for mid in &session.message_ids {
-                    self.seen.remove(&**mid);
-                }
-                state.closed_count += 1;
-                let (id, record) = session.summary(&visitor, state.closed_count, &state.last_session_id);
-                state.last_session_id = Some(id);
-                out.closed.push((visitor.clone(), record, murmur2(visitor.as_bytes())));
-                if !state.dirty {
-                    state.dirty = true;
-                    self.dirty.push(visitor.clone());
-                }
-            }
+            close_due(&visitor, state, watermark, slack, &mut self.seen, &mut self.dirty, out);
             if let Some(first) = state.open.first() {
                 self.expiry.push(Reverse((first.end + slack, visitor)));
+            } else if retention > 0 && !state.forget_queued {
+                if let Some(end) = state.last_end {
+                    state.forget_queued = true;
+                    self.forget.push(Reverse((end.saturating_add(retention), visitor)));
+                }
+            }
+        }
+        if retention > 0 {
+            self.forget_for(watermark);
+        }
+    }
+
+    /// Remove the visitors without open sessions whose last one ended `retention`
+    /// or more before the watermark; their changelog entries become tombstones.
+    fn forget_for(&mut self, watermark: i64) {
+        while let Some(Reverse((at, _))) = self.forget.peek() {
+            if *at > watermark {
+                break;
+            }
+            let Reverse((_, visitor)) = self.forget.pop().expect("peeked");
+            let Some(state) = self.visitors.get_mut(&visitor) else { continue };
+            if !state.open.is_empty() {
+                state.forget_queued = false;   // pushed again when they close
+                continue;
+            }
+            let Some(end) = state.last_end else {
+                state.forget_queued = false;
+                continue;
+            };
+            let due = end.saturating_add(self.config.retention_ms);
+            if due > watermark {
+                self.forget.push(Reverse((due, visitor)));   // its last end moved on
+                continue;
+            }
+            let was_dirty = state.dirty;
+            self.visitors.remove(&visitor);
+            if !was_dirty {
+                self.dirty.push(visitor);
             }
         }
     }
 
     /// The visitors changed since the last call, with their state (None: removed).
     pub fn take_dirty(&mut self) -> Vec<(String, Option<&VisitorState>)> {
-        let dirty = std::mem::take(&mut self.dirty);
-        for visitor in &dirty {
-            if let Some(state) = self.visitors.get_mut(visitor) {
-                state.dirty = false;
-            }
-        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        // A visitor forgotten and back before this call is listed twice: once is enough.
+        dirty.retain(|visitor| match self.visitors.get_mut(visitor) {
+            Some(state) => std::mem::replace(&mut state.dirty, false),
+            None => true,
+        });
         dirty.into_iter().map(|v| {
             let state = self.visitors.get(&v);
             (v, state)
         }).collect()
     }
+}
+
+/// Close a visitor's sessions the watermark has passed by `slack`, in start order,
+/// each with the visitor's next index and the previous session's id.
+fn close_due(visitor: &str, state: &mut VisitorState, watermark: i64, slack: i64,
+             seen: &mut FxHashSet<Arc<str>>, dirty: &mut Vec<String>, out: &mut Outputs) {
+    while state.open.first().is_some_and(|s| s.end + slack <= watermark) {
+        let session = state.open.remove(0);
+        for mid in &session.message_ids {
+            seen.remove(&**mid);
+        }
+        state.closed_count += 1;
+        let (id, record) = session.summary(visitor, state.closed_count, &state.last_session_id);
+        state.last_session_id = Some(id);
+        state.last_end = Some(state.last_end.map_or(session.end, |e| e.max(session.end)));
+        out.closed.push((visitor.to_owned(), record, murmur2(visitor.as_bytes())));
+        if !state.dirty {
+            state.dirty = true;
+            dirty.push(visitor.to_owned());
+        }
+    }
+}
+
+/// Whether a pass at `watermark` would close every open session of the visitor and
+/// then forget it (its last end `retention` or more behind).
+fn due_to_forget(state: &VisitorState, watermark: i64, slack: i64, retention: i64) -> bool {
+    state.open.iter().all(|s| s.end + slack <= watermark)
+        && state.open.iter().map(|s| s.end).chain(state.last_end).max()
+            .is_some_and(|end| end.saturating_add(retention) <= watermark)
 }
 
 /// The open session an event at `ts` joins, merging the ones it bridges (then

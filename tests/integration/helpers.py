@@ -37,6 +37,29 @@ async def read_topic(bootstrap: str, topic: str, until: Callable[[list[dict]], b
     return values
 
 
+async def read_records(bootstrap: str, topic: str,
+                       until: Callable[[list[tuple[bytes | None, bytes | None]]], bool],
+                       timeout_s: float = 60) -> list[tuple[bytes | None, bytes | None]]:
+    """(key, value) of every committed record of `topic` from the start, tombstones
+    (value None) included, until `until(records)` holds."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None,
+                                isolation_level="read_committed")
+    await consumer.start()
+    got: list[tuple[bytes | None, bytes | None]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not until(got):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: condition not met in {timeout_s} s; got {got}")
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                got.extend((r.key, r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return got
+
+
 async def eventually(probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
                      timeout_s: float = 30, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout_s

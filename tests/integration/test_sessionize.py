@@ -1,12 +1,15 @@
-"""The sessionize worker on the real broker: bad records to the DLQ, late events to clicks.late."""
+"""The sessionize worker on the real broker: bad records to the DLQ, late events to clicks.late,
+visitors idle past retention forgotten (tombstones in the changelog)."""
 from __future__ import annotations
+
+import dataclasses
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from streams import topics
-from tests.integration.helpers import read_topic
+from tests.integration.helpers import read_records, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -63,3 +66,51 @@ async def test_an_event_later_than_the_grace_goes_to_clicks_late_with_the_reason
     assert late["event"]["message_id"] == "c1"
     assert late["position"] == f"{clicks}[0]@2" and late["watermark"] == 200 * minute
     assert "gap + grace" in late["reason"]
+
+
+async def test_a_visitor_idle_past_retention_is_a_tombstone_and_starts_again_at_index_1(
+        settings, workers):
+    """Retention 2 h of event time: the idle visitor's changelog entry becomes a
+    tombstone, and after a restart (state from the changelog) it is a new visitor,
+    while one within retention keeps its index."""
+    settings = dataclasses.replace(settings, instance_id="retention-test")
+    workers.settings = settings
+    await topics.ensure_topics(settings)
+    retention = {"CLICKLOOP_SESSION_RETENTION_S": "7200"}
+    minute = 60_000
+    clicks, changelog = settings.topic(topics.CLICKS), settings.topic(topics.SESSIONIZE_STATE)
+
+    def event(user: str, minutes: int) -> bytes:
+        return orjson.dumps({"v": 1, "events": [{
+            "message_id": f"{user}-{minutes}", "type": "page", "user_id": user,
+            "anonymous_id": None, "timestamp": minutes * minute, "received_at": 0,
+            "context": {}, "properties": {}}]})
+
+    async def send(*events: tuple[str, int]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for user, minutes in events:
+                await producer.send_and_wait(clicks, key=user.encode(), value=event(user, minutes))
+        finally:
+            await producer.stop()
+
+    workers.start("sessionize", **retention)
+    # eve's one session ends at 0 and closes at 60; at 200 she has been idle 200 min > 2 h.
+    # fay's session at 60 closes at 200 too, but fay has a session open from 200.
+    await send(("eve", 0), ("fay", 60), ("fay", 200))
+    entries = await read_records(settings.kafka_bootstrap, changelog,
+                                 lambda got: (b"eve", None) in got)
+    assert [value for key, value in entries if key == b"eve"][-1] is None
+    assert (b"fay", None) not in entries
+
+    workers.stop()
+    workers.start("sessionize", **retention)      # state comes back from the changelog only
+    await send(("eve", 210), ("gus", 300))
+    sessions = await read_topic(settings.kafka_bootstrap, settings.topic(topics.SESSIONS),
+                                lambda got: len(got) >= 4)
+    sessions.sort(key=lambda s: s["start"])
+    assert [(s["visitor"], s["start"] // minute, s["session_index"]) for s in sessions] == [
+        ("eve", 0, 1), ("fay", 60, 1), ("fay", 200, 2), ("eve", 210, 1)]
+    assert sessions[2]["previous_session_id"] == sessions[1]["session_id"]
+    assert sessions[3]["previous_session_id"] is None

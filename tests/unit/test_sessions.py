@@ -1,6 +1,9 @@
 """Session rules of streams.sessions, as tables of cases (gap 30 min, grace 10 min, max 24 h)."""
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import fastjsonschema
 import orjson
 import pytest
@@ -271,3 +274,230 @@ def test_a_late_or_bad_event_comes_back_exactly_as_sent():
 ])
 def test_utm_edge_cases_follow_parse_qsl(context, utm):
     assert utm_of(context) == utm
+
+
+# Retention: a visitor with no open session whose last session ended `retention`
+# or more before the watermark is forgotten (100 min here, so cases stay short).
+RET = SessionConfig(gap_ms=30 * MIN, grace_ms=10 * MIN, max_ms=24 * 60 * MIN, retention_ms=100 * MIN)
+
+
+def at(visitor: str, ms: int) -> dict:
+    """An event of `visitor` at `ms` (exact milliseconds, no float minutes)."""
+    return {**ev(visitor, 0, mid=f"{visitor}@{ms}"), "timestamp": ms, "received_at": ms}
+
+
+def indices(closed):
+    """Closed sessions by start, then visitor (one pass closes sessions in expiry order)."""
+    return sorted(((s["visitor"], s["start"], s["session_index"], s["previous_session_id"] is not None)
+                   for s in closed), key=lambda c: (c[1], c[0]))
+
+
+# (reason, events as (visitor, ms), closed as (visitor, start, index, has previous id), held at the end)
+RETENTION_CASES = [
+    ("the watermark at last end + retention forgets the visitor",
+     [("u1", 0), ("u2", 100 * MIN)], [("u1", 0, 1, False)], {"u2"}),
+    ("one ms before, it is kept",
+     [("u1", 0), ("u2", 100 * MIN - 1)], [("u1", 0, 1, False)], {"u1", "u2"}),
+    ("forgotten, it comes back as a new visitor: index 1, no previous id",
+     [("u1", 0), ("u2", 100 * MIN), ("u1", 120 * MIN), ("u3", 300 * MIN)],
+     [("u1", 0, 1, False), ("u2", 100 * MIN, 1, False), ("u1", 120 * MIN, 1, False)], {"u3"}),
+    ("back within retention, its index continues",
+     [("u1", 0), ("u2", 99 * MIN), ("u1", 99 * MIN), ("u3", 140 * MIN)],
+     [("u1", 0, 1, False), ("u1", 99 * MIN, 2, True), ("u2", 99 * MIN, 1, False)], {"u1", "u2", "u3"}),
+    ("an open session keeps a visitor whose previous session ended long ago",
+     [("u1", 0), ("u1", 60 * MIN), ("u1", 85 * MIN), ("u1", 110 * MIN), ("u1", 135 * MIN)],
+     [("u1", 0, 1, False)], {"u1"}),
+    ("the clock restarts at the end of the last session, not the first",
+     [("u1", 0), ("u1", 50 * MIN), ("u2", 100 * MIN), ("u3", 150 * MIN - 1)],
+     [("u1", 0, 1, False), ("u1", 50 * MIN, 2, True), ("u2", 100 * MIN, 1, False)],
+     {"u1", "u2", "u3"}),
+    ("... and it is forgotten exactly then",
+     [("u1", 0), ("u1", 50 * MIN), ("u2", 100 * MIN), ("u3", 150 * MIN)],
+     [("u1", 0, 1, False), ("u1", 50 * MIN, 2, True), ("u2", 100 * MIN, 1, False)], {"u2", "u3"}),
+    ("open when its time came (100): kept, then forgotten at its new end (90) + retention ...",
+     [("u1", 0), ("u2", 60 * MIN), ("u1", 90 * MIN), ("u3", 100 * MIN), ("u4", 130 * MIN),
+      ("u5", 190 * MIN - 1)],
+     [("u1", 0, 1, False), ("u2", 60 * MIN, 1, False), ("u1", 90 * MIN, 2, True),
+      ("u3", 100 * MIN, 1, False), ("u4", 130 * MIN, 1, False)], {"u1", "u3", "u4", "u5"}),
+    ("... exactly then (u2, idle since 60, went at 160)",
+     [("u1", 0), ("u2", 60 * MIN), ("u1", 90 * MIN), ("u3", 100 * MIN), ("u4", 130 * MIN),
+      ("u5", 190 * MIN - 1), ("u6", 190 * MIN)],
+     [("u1", 0, 1, False), ("u2", 60 * MIN, 1, False), ("u1", 90 * MIN, 2, True),
+      ("u3", 100 * MIN, 1, False), ("u4", 130 * MIN, 1, False)], {"u3", "u4", "u5", "u6"}),
+]
+
+
+@pytest.mark.parametrize("reason,events,expected,held", RETENTION_CASES,
+                         ids=[c[0] for c in RETENTION_CASES])
+def test_retention_rules(reason, events, expected, held):
+    closed, _, _, part = run([at(v, ms) for v, ms in events], RET)
+    assert indices(closed) == expected, reason
+    assert set(part.visitors) == held and part.visitor_count == len(held), reason
+
+
+def test_retention_forgets_at_the_exact_watermark_step_by_step():
+    part = PartitionSessions(RET)
+    part.process([at("u1", 0)], 1)
+    for ms, held in [(40 * MIN, True), (100 * MIN - 1, True), (100 * MIN, False)]:
+        part.process([at("u2", ms)], 2)
+        assert ("u1" in part.visitors) is held, ms
+
+
+def test_retention_zero_never_forgets():
+    cfg = SessionConfig(gap_ms=30 * MIN, grace_ms=10 * MIN, max_ms=24 * 60 * MIN, retention_ms=0)
+    year = 365 * 24 * 60 * MIN
+    closed, _, _, part = run([at("u1", 0), at("u2", year), at("u1", 2 * year), at("u3", 3 * year)], cfg)
+    assert [(s["visitor"], s["session_index"]) for s in closed] == [("u1", 1), ("u2", 1), ("u1", 2)]
+    assert set(part.visitors) == {"u1", "u2", "u3"}
+
+
+def test_the_default_retention_is_thirty_days():
+    day = 24 * 60 * MIN
+    closed, _, _, part = run([at("u1", 0), at("u2", 30 * day - 1), at("u1", 30 * day),
+                              at("u3", 31 * day)], CFG)
+    assert CFG.retention_ms == 30 * day
+    assert [(s["visitor"], s["session_index"]) for s in closed] == [("u1", 1), ("u2", 1), ("u1", 2)]
+    closed, _, _, _ = run([at("u1", 0), at("u2", 30 * day), at("u1", 30 * day + 1),
+                           at("u3", 31 * day)], CFG)
+    assert [(s["visitor"], s["session_index"]) for s in closed] == [("u1", 1), ("u2", 1), ("u1", 1)]
+
+
+def test_a_forgotten_visitor_is_a_tombstone_in_take_dirty():
+    part = PartitionSessions(RET)
+    part.process([at("u1", 0), at("u2", 50 * MIN)], 1)
+    assert {v for v, _ in part.take_dirty()} == {b"u1", b"u2"}      # u1 closed, u2 open
+    part.process([at("u2", 100 * MIN)], 2)                           # u1 due, u2's first closes
+    entries = part.take_dirty()
+    assert sorted(v for v, _ in entries) == [b"u1", b"u2"]
+    assert dict(entries)[b"u1"] is None and orjson.loads(dict(entries)[b"u2"])["closed_count"] == 1
+    assert part.take_dirty() == []
+
+
+def test_forgotten_and_back_before_the_checkpoint_is_written_once_with_its_new_state():
+    part = PartitionSessions(RET)
+    part.process([at("u1", 0)], 1)
+    part.take_dirty()
+    part.process([at("u2", 100 * MIN)], 2)          # u1 forgotten
+    part.process([at("u1", 110 * MIN)], 3)          # and back
+    entries = [(v, s) for v, s in part.take_dirty() if v == b"u1"]
+    assert len(entries) == 1
+    state = orjson.loads(entries[0][1])
+    assert (state["closed_count"], state["last_session_id"], len(state["open"])) == (0, None, 1)
+
+
+def by_session_id(session: dict) -> str:
+    return session["session_id"]
+
+
+def changelog_of(part: PartitionSessions, log: dict | None = None) -> dict:
+    """What a compacted changelog holds after `take_dirty`: tombstones delete."""
+    log = {} if log is None else log
+    for visitor, state in part.take_dirty():
+        if state is None:
+            log.pop(visitor, None)
+        else:
+            log[visitor] = state
+    return log
+
+
+def restored(cfg: SessionConfig, part: PartitionSessions, log: dict) -> PartitionSessions:
+    back = PartitionSessions(cfg, **part.meta())
+    for visitor, state in log.items():
+        back.load(visitor.decode(), state)
+    return back
+
+
+def test_a_state_written_before_retention_existed_is_not_forgotten_at_once():
+    """The old changelog lacks `last_end`: the watermark at load stands for it."""
+    never = dataclasses.replace(RET, retention_ms=0)            # as the old code kept everyone
+    part = PartitionSessions(never)
+    part.process([at("u1", 0), at("u2", 1000 * MIN)], 1)       # u1 closed long ago, u2 open
+    log = changelog_of(part)
+    old = orjson.loads(log[b"u1"])
+    assert old.pop("last_end") == 0
+    log[b"u1"] = orjson.dumps(old)
+    back = restored(RET, part, log)
+    back.process([at("u3", 1100 * MIN - 1)], 2)
+    assert "u1" in back.visitors                                # not at once, nor before load + retention
+    upgraded = changelog_of(back)
+    assert orjson.loads(upgraded[b"u1"])["last_end"] == 1000 * MIN    # written back once
+    back.process([at("u3", 1100 * MIN)], 3)
+    assert "u1" not in back.visitors
+    assert (b"u1", None) in back.take_dirty()
+
+
+def test_a_restored_visitor_is_forgotten_when_its_own_time_comes():
+    part = PartitionSessions(RET)
+    part.process([at("u1", 0), at("u2", 60 * MIN)], 1)
+    back = restored(RET, part, changelog_of(part))
+    for p in (part, back):
+        p.process([at("u3", 100 * MIN - 1)], 2)
+        assert "u1" in p.visitors
+        p.process([at("u3", 100 * MIN)], 3)
+        assert "u1" not in p.visitors
+
+
+def traffic(seed: int, n: int = 3000) -> list[dict]:
+    """Visitors coming back after short and long absences, a little out of order."""
+    rng = random.Random(seed)
+    events, clock = [], 0
+    for i in range(n):
+        clock += rng.choice([0, 1, 2, 5, 30]) * MIN // 4
+        ts = max(0, clock - rng.randrange(0, 5 * MIN))
+        events.append({**at(f"u{rng.randrange(40)}", ts), "message_id": f"m{i}"})
+    return events
+
+
+def comebacks(closed: list[dict]) -> int:
+    """Sessions that start a visitor's count again (index 1 after an earlier session)."""
+    seen: set[str] = set()
+    count = 0
+    for s in sorted(closed, key=lambda s: s["start"]):
+        count += s["visitor"] in seen and s["session_index"] == 1
+        seen.add(s["visitor"])
+    return count
+
+
+def test_replay_forgets_the_same_visitors_and_yields_the_same_sessions():
+    events = traffic(7)
+    first, _, _, a = run(events, RET)
+    again, _, _, b = run(events, RET)
+    assert first == again and sorted(a.visitors) == sorted(b.visitors)
+    assert comebacks(first) > 0, "some visitor came back forgotten"
+    assert len(a.visitors) < 40, "idle visitors were forgotten"
+
+
+def test_restoring_midway_from_the_changelog_changes_nothing():
+    events = traffic(8)
+    whole, _, _, _ = run(events, RET)
+    part, closed = PartitionSessions(RET), []
+    log: dict = {}
+    for offset, event in enumerate(events):
+        closed += part.process([event], offset + 1).closed
+        if offset % 500 == 499:        # a checkpoint, then a crash and a restore
+            part = restored(RET, part, changelog_of(part, log))
+    # the same sessions; within one pass their order follows the expiry heap's history
+    assert sorted(closed, key=by_session_id) == sorted(whole, key=by_session_id)
+    assert comebacks(whole) > 0
+
+
+def packed(events: list[dict], cfg: SessionConfig, per_record: int) -> list[dict]:
+    """Closed sessions of `events` fed `per_record` to a record, by session id (one
+    pass closes sessions in expiry order, so the order follows the packing)."""
+    part, closed = PartitionSessions(cfg), []
+    for i in range(0, len(events), per_record):
+        closed += part.process(events[i:i + per_record], i + 1).closed
+    return sorted(closed, key=by_session_id)
+
+
+@pytest.mark.parametrize("per_record", [2, 7, 100])
+def test_forgetting_does_not_depend_on_how_events_are_packed_into_records(per_record):
+    """A visitor due to be forgotten at the watermark before its event starts afresh
+    whether the pass came between two records or not: a record spanning more than the
+    retention (100 events here, ~3 h) forgets as records of one event do."""
+    events = traffic(9)
+    never = dataclasses.replace(RET, retention_ms=0)
+    # Precondition: these events fit no session the watermark already expired, the
+    # case where the session rules themselves depend on record boundaries.
+    assert packed(events, never, per_record) == packed(events, never, 1)
+    assert packed(events, RET, per_record) == packed(events, RET, 1)
