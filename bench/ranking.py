@@ -15,7 +15,8 @@ popularity blend is on) with 20 seen items excluded, k = 10. Per call, in micros
 `native` is `rank` (streams._native.ScoreIndex: int8 bounds + exact f32 rescoring of the
 few rows that can reach the top k), `numpy` is `rank_numpy` (`factors @ v`, min-max blend,
 `top_k`: the reference); `index` is the native query alone, without rank's Python around it.
-Also printed: the fast path's mean rescored rows per call.
+Also printed: the native coarse kernel (the best this CPU runs) and the fast path's mean
+rescored rows per call.
 Last line: native_warm_us=… native_cold_us=… numpy_warm_us=… numpy_cold_us=… (means, evicted cold)
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 from threadpoolctl import threadpool_limits
 
 from services.recommender.ranking import benchmark
+from streams._native import ScoreIndex
 
 
 def main() -> None:
@@ -42,7 +44,9 @@ def main() -> None:
                  cold_rounds=args.cold_rounds)
     evicted = benchmark(**shape, evict_mb=args.evict_mb)
     gapped = benchmark(**shape, evict_mb=0, gap_ms=args.gap_ms)
-    print(f"{args.items} items x {args.factors} factors, k={args.k}, 20 seen, blend on; µs per call")
+    kernels = ScoreIndex.kernels()
+    print(f"{args.items} items x {args.factors} factors, k={args.k}, 20 seen, blend on; µs per call; "
+          f"native kernel {kernels[-1]} (this CPU: {', '.join(kernels)})")
     print(f"{'':24}{'mean':>9}{'p50':>9}{'p99':>9}")
     rows = [("top_k (numpy, alone)", evicted, "top_k"),
             ("native warm", evicted, "rank"), ("native index warm", evicted, "index"),
