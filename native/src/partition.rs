@@ -102,10 +102,11 @@ impl Partition {
         for session in &state.open {
             self.seen.extend(session.message_ids.iter().cloned());
         }
-        if state.closed_count > 0 && state.last_end.is_none() {
+        if self.config.retention_ms > 0 && state.closed_count > 0 && state.last_end.is_none() {
             // Written before retention existed: count the idle time from now, so an
             // upgrade does not forget everyone at once; written back at the next
-            // checkpoint, so later restarts do not push it further.
+            // checkpoint, so later restarts do not push it further. (Retention 0 has
+            // no use for it: no rewrite of the whole changelog then.)
             state.last_end = Some(self.watermark);
             state.dirty = true;
             self.dirty.push(visitor.clone());

@@ -426,6 +426,16 @@ def test_a_state_written_before_retention_existed_is_not_forgotten_at_once():
     assert (b"u1", None) in back.take_dirty()
 
 
+def test_with_retention_0_an_old_state_is_not_rewritten():
+    never = dataclasses.replace(RET, retention_ms=0)
+    part = PartitionSessions(never)
+    part.process([at("u1", 0), at("u2", 1000 * MIN)], 1)
+    log = changelog_of(part)
+    log[b"u1"] = orjson.dumps({k: v for k, v in orjson.loads(log[b"u1"]).items() if k != "last_end"})
+    assert restored(never, part, log).take_dirty() == []
+    assert [v for v, _ in restored(RET, part, log).take_dirty()] == [b"u1"]
+
+
 def test_a_restored_visitor_is_forgotten_when_its_own_time_comes():
     part = PartitionSessions(RET)
     part.process([at("u1", 0), at("u2", 60 * MIN)], 1)
