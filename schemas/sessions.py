@@ -29,5 +29,6 @@ class Session(TypedDict):
     utm: dict[str, str]         # source, medium, campaign, term, content of the landing event
     device: str                 # desktop | mobile | tablet | bot | other (first event's)
     items: list[str]            # item ids viewed or clicked, in order of first sight, unique
-    session_index: int          # 1 for the visitor's first session, then 2, 3, ...
+    session_index: int          # 1 for the visitor's first session (or first after being forgotten,
+                                # CLICKLOOP_SESSION_RETENTION_S), then 2, 3, ...
     previous_session_id: str | None
