@@ -2,10 +2,12 @@
 
 The handler calls `log(key, value)`: an append to a deque, nothing awaited, so
 a slow or absent broker never slows an answer. A background task drains the
-buffer into an aiokafka producer (acks=all, idempotent), a record batch per
-partition at a time (`create_batch` / `send_batch`: ~5 µs of CPU per record
-where `send` took ~12, its future and partitioner call per record; the
-partition is the one `send` would pick, the same murmur2 of the key). When the
+buffer into an aiokafka producer (acks=all, idempotent) as record batches
+(`create_batch` / `send_batch`: ~5 µs of CPU per record where `send` took ~12,
+its future and partitioner call per record; the partition is the one `send`
+would pick, the same murmur2 of the key). The drain waits LINGER_MS after the
+first record of a round, so a request to the broker carries ~LINGER_MS of
+records, as the producer's own linger gave `send`. When the
 buffer is full — Kafka down or far behind — records are
 dropped and counted (`dropped`, exported in /metrics): the service keeps
 answering, and the loss is visible instead of silent. Records are keyed by
@@ -21,6 +23,7 @@ from collections import deque
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from services.settings import Settings
 from services.tasks import cancel_and_wait
@@ -28,7 +31,7 @@ from services.tasks import cancel_and_wait
 log = logging.getLogger("clickloop.recommender.topic_log")
 
 
-# The producer batches what arrives within this many ms into one produce request:
+# What arrives within this many ms goes in one produce request (batches per partition):
 # at 1,000 req/s, 10 ms meant 100 requests/s to encode, send and acknowledge on the
 # serving event loop; 50 ms took 5-10 % off the recommender's CPU per request
 # (bench/serve_latency.py) and is nothing next to attribution's 30-minute window or
@@ -61,17 +64,17 @@ class TopicLog:
         if not self._wake.is_set():
             self._wake.set()
 
-    def _delivered(self, count: int, fut: asyncio.Future) -> None:
+    def _delivered(self, builder: BatchBuilder, fut: asyncio.Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
-            self.dropped += count
+            self.dropped += builder.record_count()
         else:
-            self.sent += count
+            self.sent += builder.record_count()
 
     async def _connect(self) -> AIOKafkaProducer:
         while True:
             producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
-                                        enable_idempotence=True, linger_ms=LINGER_MS,
-                                        max_batch_size=256 * 1024, request_timeout_ms=10_000)
+                                        enable_idempotence=True, max_batch_size=256 * 1024,
+                                        request_timeout_ms=10_000)
             try:
                 await producer.start()
                 return producer
@@ -88,6 +91,12 @@ class TopicLog:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            # Let records gather, as the producer's linger would: the batches below are
+            # closed, so the producer sends them at once. A batch must not take records
+            # once submitted: the idempotent producer numbers a batch's records when it
+            # takes the batch, before it encodes it (records added in between put the
+            # partition out of sequence).
+            await asyncio.sleep(LINGER_MS / 1000)
             while buf:
                 try:
                     partitions = sorted(await producer.partitions_for(self.topic))
@@ -96,33 +105,32 @@ class TopicLog:
                     await asyncio.sleep(1.0)
                     continue
                 self._draining = True
-                open_batches: dict[int, tuple] = {}   # partition -> (builder, records)
+                filling: dict[int, BatchBuilder] = {}
                 for _ in range(len(buf)):  # what is queued now; later records, next round
                     key, value = buf.popleft()
                     partition = partitioner(key, partitions, partitions)
-                    builder, count = open_batches.get(partition) or (producer.create_batch(), 0)
-                    if builder.append(key=key, value=value, timestamp=None) is None:
-                        # Full: send it, start the next one with this record (an empty batch
-                        # takes any record; one the broker refuses fails its batch, counted).
-                        await self._submit(builder, partition, count)
-                        builder, count = producer.create_batch(), 0
-                        builder.append(key=key, value=value, timestamp=None)
-                    open_batches[partition] = (builder, count + 1)
-                for partition, (builder, count) in open_batches.items():
-                    if count:
-                        await self._submit(builder, partition, count)
+                    builder = filling.get(partition)
+                    if builder is not None and builder.append(key=key, value=value,
+                                                              timestamp=None) is not None:
+                        continue
+                    if builder is not None:  # full (it closed itself): send it
+                        await self._submit(builder, partition)
+                    builder = filling[partition] = producer.create_batch()
+                    builder.append(key=key, value=value, timestamp=None)  # an empty batch takes any
+                for partition, builder in filling.items():
+                    builder.close()
+                    await self._submit(builder, partition)
                 self._draining = False
 
-    async def _submit(self, builder, partition: int, count: int) -> None:
-        builder.close()
+    async def _submit(self, builder: BatchBuilder, partition: int) -> None:
         try:
             fut = await self._producer.send_batch(builder, self.topic,  # type: ignore[union-attr]
                                                   partition=partition)
         except Exception as exc:  # KafkaError, a timeout waiting for the partition's queue
-            self.dropped += count
-            log.warning("%s: %d records not sent: %r", self.topic, count, exc)
+            self.dropped += builder.record_count()
+            log.warning("%s: %d records not sent: %r", self.topic, builder.record_count(), exc)
             return
-        fut.add_done_callback(functools.partial(self._delivered, count))
+        fut.add_done_callback(functools.partial(self._delivered, builder))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"log-{self.topic}")

@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 
-from services.recommender.topic_log import TopicLog
+from services.recommender.topic_log import LINGER_MS, TopicLog
 from streams import topics
 
 pytestmark = pytest.mark.integration
@@ -37,17 +37,30 @@ async def test_records_arrive_once_on_their_keys_partition_in_order(settings):
     await topics.ensure_topics(s, (topics.EXPOSURES,))
     topic = s.topic(topics.EXPOSURES)
     tlog = TopicLog(s, topic)
+    batches = []
+    submit = tlog._submit
+
+    async def counted(builder, partition):
+        batches.append(builder.record_count())
+        await submit(builder, partition)
+
+    tlog._submit = counted  # type: ignore[method-assign]
     tlog.start()
     n, keys = 3000, [f"visitor-{v}".encode() for v in range(37)]
-    for i in range(n):   # in bursts, as requests arrive: the drain runs between them
+    t0 = time.monotonic()
+    for i in range(n):   # one at a time as requests arrive, then in bursts
         tlog.log(keys[i % len(keys)], b"%d" % i)
-        if i % 100 == 99:
-            await asyncio.sleep(0.005)
+        if i < 1000 or i % 100 == 99:
+            await asyncio.sleep(0.001)
+    seconds = time.monotonic() - t0
     tlog.log(b"too-big", b"x" * (300 * 1024))   # more than a 256 KB batch: one of its own
     tlog.log(b"refused", b"x" * (2 << 20))       # more than the broker's 1 MB message limit
     tlog.log(keys[0], b"after")
     await tlog.stop()
     assert (tlog.sent, tlog.dropped) == (n + 2, 1)
+    # Batched by time (LINGER_MS rounds, a batch per partition each), not one per record.
+    assert sum(batches) == n + 3   # every record handed over, the refused one too
+    assert len(batches) <= 4 * (seconds * 1000 / LINGER_MS + 2) + 3, batches
 
     records = await read_all(s, topic, n + 2)
     assert len(records) == n + 2
