@@ -108,10 +108,12 @@ class Settings:
     # In-process cache of hot feature hashes (0 disables it) and its size.
     feature_cache_ms: int = _env("CLICKLOOP_FEATURE_CACHE_MS", 0, default=1000)
     feature_cache_size: int = _env("CLICKLOOP_FEATURE_CACHE_SIZE", 0, default=10_000)
-    # The recommender's garbage collector: a young-generation collection every this
-    # many net allocations (short pauses); older generations, which hold the hot-key
-    # cache, are collected only every gc_full_s seconds (0: never), since requests
-    # leave almost no cyclic garbage (app.py, "Garbage collection").
+    # The recommender's garbage collector (app.py `GcPolicy`): a young-generation
+    # collection after every gc_requests requests (0: none) and, for work outside
+    # requests, every gc_young net allocations; older generations, which hold the
+    # hot-key cache, are collected only every gc_full_s seconds (0: never), since
+    # requests leave almost no cyclic garbage.
+    recommender_gc_requests: int = _env("CLICKLOOP_RECOMMENDER_GC_REQUESTS", 0, default=32)
     recommender_gc_young: int = _env("CLICKLOOP_RECOMMENDER_GC_YOUNG", 100, default=2000)
     recommender_gc_full_s: int = _env("CLICKLOOP_RECOMMENDER_GC_FULL_S", 0, default=300)
     # The in-memory popular list behind the fallback is refreshed this often.

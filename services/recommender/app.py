@@ -98,6 +98,7 @@ async def recommendations(request: web.Request) -> web.Response:
     if answer.assignment is not None:
         metrics.arm(answer.assignment.experiment, answer.assignment.arm).inc()
     metrics.latency.observe(took)
+    request.app[GC].request_done()
     return web.Response(body=body, content_type=_JSON)
 
 
@@ -138,8 +139,8 @@ def gc_watch(metrics: Metrics):
     return watch
 
 
-def gc_policy(settings: Settings) -> asyncio.Task | None:
-    """Garbage collection: short young collections, and the old generations on a timer.
+class GcPolicy:
+    """Garbage collection: short young collections, the old generations on a timer.
 
     A request leaves almost no cyclic garbage (1,000 req/s for 16.5 s with the
     collector off: one `gc.collect()` found 749 unreachable objects), but the
@@ -147,22 +148,50 @@ def gc_policy(settings: Settings) -> asyncio.Task | None:
     CPython's defaults each young collection walks everything allocated since
     the last one and every older collection walks the whole cache again: at
     (5,000, 20, 100) young pauses averaged 2.6 ms and older ones 20-35 ms, the
-    bulk of the p99 at 1,000 req/s (collector off: p99 2.2-2.5 ms instead of
-    4-6). So young collections come every `recommender_gc_young` net allocations
-    (~1 ms each at 2,000), objects that survive one are never walked again by an
-    automatic collection, and a full collection runs every
-    `recommender_gc_full_s` seconds to reclaim what cycles there are (its pause,
-    tens of ms, is in /metrics with the others)."""
-    gc.set_threshold(settings.recommender_gc_young, NEVER, NEVER)
-    if settings.recommender_gc_full_s <= 0:
-        return None
+    bulk of the p99 at 1,000 req/s (collector off: p99 2.2-2.5 ms instead of 4-6).
 
-    async def full_collections() -> None:
+    So objects that survive a young collection are never walked again by an
+    automatic collection; a full collection runs every `recommender_gc_full_s`
+    seconds to reclaim what cycles there are (its pause, tens of ms, is in
+    /metrics with the others). Young collections come after every
+    `recommender_gc_requests` requests (`request_done`, on the next turn of the
+    loop, after the answer left): CPython's own trigger counts allocations minus
+    deallocations, and a full cache frees an old entry for every new one, so
+    between two of its collections the young generation grew with the requests
+    served, to ~270 of them (~9,000 objects, 2.6 ms pauses); every 32 requests it
+    is ~0.5 ms. The allocation threshold `recommender_gc_young` stays for work
+    outside requests (Kafka consumers, model loads)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.every = settings.recommender_gc_requests
+        self._served = 0
+        self._thresholds = gc.get_threshold()
+        self._full: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._thresholds = gc.get_threshold()
+        gc.set_threshold(self.settings.recommender_gc_young, NEVER, NEVER)
+        if self.settings.recommender_gc_full_s > 0:
+            self._full = asyncio.get_running_loop().create_task(self._full_collections(),
+                                                                name="gc-full")
+
+    async def _full_collections(self) -> None:
         while True:
-            await asyncio.sleep(settings.recommender_gc_full_s)
+            await asyncio.sleep(self.settings.recommender_gc_full_s)
             gc.collect()
 
-    return asyncio.get_running_loop().create_task(full_collections(), name="gc-full")
+    def request_done(self) -> None:
+        self._served += 1
+        if self.every and self._served % self.every == 0:
+            asyncio.get_running_loop().call_soon(gc.collect, 0)
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._full)
+        gc.set_threshold(*self._thresholds)
+
+
+GC = web.AppKey("gc", GcPolicy)
 
 
 def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
@@ -175,20 +204,19 @@ def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[RECOMMENDER] = Recommender(settings, app[METRICS])
+    app[GC] = GcPolicy(settings)
 
     async def lifecycle(app: web.Application):
         await app[RECOMMENDER].start(model_wait_s)
         # What start-up built (libraries, the model) lives as long as the process: out of
         # the collector's sight, so a full collection does not walk it (53 ms pauses seen
-        # at 1,000 req/s before this); then `gc_policy` for what requests allocate.
+        # at 1,000 req/s before this); then `GcPolicy` for what requests allocate.
         gc.collect()
         gc.freeze()
         watch = gc_watch(app[METRICS])
-        thresholds = gc.get_threshold()
-        full = gc_policy(settings)
+        app[GC].start()
         yield
-        await cancel_and_wait(full)
-        gc.set_threshold(*thresholds)
+        await app[GC].stop()
         gc.callbacks.remove(watch)
         await app[RECOMMENDER].stop()
 

@@ -356,28 +356,34 @@ async def test_artifact_with_bad_parameters_is_refused_not_retried_forever(setti
     await redis.aclose()
 
 
-async def test_gc_policy_young_only_with_timed_full_collections(settings):
-    """While serving: young collections at the configured threshold, older generations never
-    automatically, a full collection on the timer (its pause in /metrics); the process's own
-    thresholds come back when the app stops."""
+async def test_gc_policy_young_collections_per_requests_and_timed_full_ones(settings):
+    """While serving: a young collection after every `recommender_gc_requests` requests, the
+    allocation threshold as configured, older generations never automatically, a full
+    collection on the timer (pauses in /metrics); the process's own thresholds come back when
+    the app stops."""
     import gc
 
     before = gc.get_threshold()
     redis = aioredis.from_url(settings.redis_url)
-    s = tuned(settings, recommender_gc_young=1500, recommender_gc_full_s=1)
+    s = tuned(settings, recommender_gc_young=1_000_000, recommender_gc_requests=5,
+              recommender_gc_full_s=1)
     await seed(s, redis)
     async with TestClient(TestServer(make_app(s))) as client:
         young, older, oldest = gc.get_threshold()
-        assert young == 1500 and older >= 1 << 30 and oldest >= 1 << 30
+        assert young == 1_000_000 and older >= 1 << 30 and oldest >= 1 << 30
 
-        async def full_pauses() -> float:
+        async def pauses(generation: int) -> float:
             text = await (await client.get("/metrics")).text()
-            line = next(line for line in text.splitlines()
-                        if line.startswith('clickloop_recommender_gc_pause_seconds_count{generation="2"}'))
-            return float(line.rsplit(" ", 1)[1])
+            prefix = f'clickloop_recommender_gc_pause_seconds_count{{generation="{generation}"}}'
+            return float(next(line for line in text.splitlines()
+                              if line.startswith(prefix)).rsplit(" ", 1)[1])
 
-        first = await full_pauses()
+        young_before, full_before = await pauses(0), await pauses(2)
+        for _ in range(20):
+            assert (await get(client, user_id=user_id(1), k=3))[0] == 200
+        await asyncio.sleep(0)   # the collection runs on the loop's next turn
+        assert await pauses(0) >= young_before + 4, "one young collection per 5 requests"
         await asyncio.sleep(2.5)
-        assert await full_pauses() >= first + 1
+        assert await pauses(2) >= full_before + 1
     assert gc.get_threshold() == before
     await redis.aclose()
