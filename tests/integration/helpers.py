@@ -7,15 +7,17 @@ from typing import Awaitable, Callable, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord
 
 from streams.sessions import PartitionSessions
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
-async def read_topic(bootstrap: str, topic: str, until: Callable[[list[dict]], bool],
-                     timeout_s: float = 60) -> list[dict]:
-    """JSON values of `topic` from the start, until `until(values)` holds.
+async def consume(bootstrap: str, topic: str, until: Callable[[list[R]], bool],
+                  convert: Callable[[ConsumerRecord], R], timeout_s: float = 60) -> list[R]:
+    """Every committed record of `topic` from the start, converted, until `until(got)` holds.
 
     Reads committed records only, as every consumer of clickloop's transactional
     outputs must."""
@@ -23,30 +25,7 @@ async def read_topic(bootstrap: str, topic: str, until: Callable[[list[dict]], b
                                 enable_auto_commit=False, group_id=None,
                                 isolation_level="read_committed")
     await consumer.start()
-    values: list[dict] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not until(values):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: condition not met in {timeout_s} s; got {values}")
-            batches = await consumer.getmany(timeout_ms=500)
-            for records in batches.values():
-                values.extend(orjson.loads(r.value) for r in records)
-    finally:
-        await consumer.stop()
-    return values
-
-
-async def read_records(bootstrap: str, topic: str,
-                       until: Callable[[list[tuple[bytes | None, bytes | None]]], bool],
-                       timeout_s: float = 60) -> list[tuple[bytes | None, bytes | None]]:
-    """(key, value) of every committed record of `topic` from the start, tombstones
-    (value None) included, until `until(records)` holds."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None,
-                                isolation_level="read_committed")
-    await consumer.start()
-    got: list[tuple[bytes | None, bytes | None]] = []
+    got: list[R] = []
     deadline = time.monotonic() + timeout_s
     try:
         while not until(got):
@@ -54,10 +33,24 @@ async def read_records(bootstrap: str, topic: str,
                 raise TimeoutError(f"{topic}: condition not met in {timeout_s} s; got {got}")
             batches = await consumer.getmany(timeout_ms=500)
             for records in batches.values():
-                got.extend((r.key, r.value) for r in records)
+                got.extend(convert(r) for r in records)
     finally:
         await consumer.stop()
     return got
+
+
+async def read_topic(bootstrap: str, topic: str, until: Callable[[list[dict]], bool],
+                     timeout_s: float = 60) -> list[dict]:
+    """JSON values of `topic` from the start, until `until(values)` holds."""
+    return await consume(bootstrap, topic, until, lambda r: orjson.loads(r.value), timeout_s)
+
+
+async def read_records(bootstrap: str, topic: str,
+                       until: Callable[[list[tuple[bytes | None, bytes | None]]], bool],
+                       timeout_s: float = 60) -> list[tuple[bytes | None, bytes | None]]:
+    """(key, value) of every record of `topic` from the start, tombstones (value None)
+    included, until `until(records)` holds."""
+    return await consume(bootstrap, topic, until, lambda r: (r.key, r.value), timeout_s)
 
 
 async def eventually(probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool],

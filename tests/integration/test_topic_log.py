@@ -8,28 +8,13 @@ import dataclasses
 import time
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 
 from services.recommender.topic_log import LINGER_MS, TopicLog
 from streams import topics
+from tests.integration.helpers import consume
 
 pytestmark = pytest.mark.integration
-
-
-async def read_all(settings, topic: str, n: int, timeout_s: float = 30) -> list:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    out: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(out) < n and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=300)).values():
-                out += batch
-    finally:
-        await consumer.stop()
-    return out
 
 
 async def test_records_arrive_once_on_their_keys_partition_in_order(settings):
@@ -62,7 +47,7 @@ async def test_records_arrive_once_on_their_keys_partition_in_order(settings):
     assert sum(batches) == n + 3   # every record handed over, the refused one too
     assert len(batches) <= 4 * (seconds * 1000 / LINGER_MS + 2) + 3, batches
 
-    records = await read_all(s, topic, n + 2)
+    records = await consume(s.kafka_bootstrap, topic, lambda rs: len(rs) >= n + 2, lambda r: r, 30)
     assert len(records) == n + 2
     partition_of = DefaultPartitioner()
     by_key: dict[bytes, list[int]] = {}
