@@ -7,7 +7,11 @@ session's last event (or before its first) does not belong to it.
 Time moves with a per-partition watermark, the largest event time seen on the
 partition. A session stays open, able to take late events, until the
 watermark reaches `end + gap + grace`; then it is closed and emitted exactly
-once, also when its visitor never comes back. An event that fits no open
+once, also when its visitor never comes back. The pass that closes sessions
+runs after each record, but a session is closed from the moment the watermark
+reaches that point: an event of its visitor closes it first and never joins
+it, so sessions do not depend on how events were packed into records (a
+replay may pack them differently). An event that fits no open
 session and whose own session would already be closed (`ts + gap + grace <=
 watermark`) is late: it is handed back in `Outputs.late`, never dropped and
 never allowed to reopen history.

@@ -159,8 +159,22 @@ impl Partition {
             out.duplicates += 1;
             return;
         }
-        let Config { gap_ms: gap, grace_ms: grace, max_ms: max, .. } = self.config;
+        let Config { gap_ms: gap, grace_ms: grace, max_ms: max, retention_ms: retention } = self.config;
         let state = self.visitors.entry_ref(visitor).or_default();
+        // A session the watermark has passed by gap + grace is closed by the rules even
+        // if the pass that emits it (after each record) has not run yet: emit it now, so
+        // that no event joins it and sessions do not depend on how events were packed
+        // into records (a replay may pack them differently). Open sessions are disjoint
+        // and sorted, so if any is due the first is.
+        if state.open.first().is_some_and(|s| s.end + gap + grace <= self.watermark) {
+            close_due(visitor, state, self.watermark, gap + grace, &mut self.seen, &mut self.dirty, out);
+            if state.open.is_empty() && retention > 0 && !state.forget_queued {
+                if let Some(end) = state.last_end {
+                    state.forget_queued = true;
+                    self.forget.push(Reverse((end.saturating_add(retention), visitor.to_owned())));
+                }
+            }
+        }
         let sessions = &mut state.open;
         let fast = sessions.len() == 1 && {
             // the common case: the visitor's one open session takes the event
