@@ -126,6 +126,8 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tupl
 
 
 def _unit_range(x: np.ndarray) -> np.ndarray:
+    if x.size == 0:
+        return x  # an empty catalogue: nothing to scale
     lo, hi = float(x.min()), float(x.max())
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 

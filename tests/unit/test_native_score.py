@@ -262,10 +262,12 @@ def test_edge_shapes_match_the_reference(n, d, k, n_interactions, why):
 
 
 def test_an_empty_catalogue_ranks_nothing():
-    # The numpy formula cannot min-max scale zero scores (ValueError); the native rank answers.
     cat = Catalogue([], np.ones((0, 4), np.float32))
     assert rank(cat, np.ones(4, np.float32), 3).items == []
     assert rank(cat, None, 3) == rank_numpy(cat, None, 3)
+    for n in (0, 5):   # the blend on (n = 0: popularity weight 1) and the reference agrees
+        assert rank(cat, np.ones(4, np.float32), 3, n_interactions=n) == \
+            rank_numpy(cat, np.ones(4, np.float32), 3, n_interactions=n)
 
 
 @pytest.mark.parametrize("prior,k,exclude,why", [
