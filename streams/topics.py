@@ -125,6 +125,18 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
         await admin.close()
 
 
+async def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """A consumer group's committed offsets of `topic`, by partition (none: empty)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items()
+            if tp.topic == topic and meta.offset >= 0}
+
+
 async def drop_topics(settings: Settings) -> list[str]:
     """Delete every topic under `settings.prefix` (benchmarks and tests clean up after
     themselves: a million-event run leaves about a gigabyte of log). Refuses an empty

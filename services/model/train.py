@@ -342,12 +342,12 @@ def read_archive(settings: Settings, since_ms: int | None, until_ms: int | None,
 
 async def archive_committed(settings: Settings, timeout_s: float = 10.0) -> dict[int, int] | None:
     """The archive worker's committed offsets of `clicks`; None when Kafka does not answer."""
-    from services.replay.command import ARCHIVER, _committed
+    from services.replay.command import ARCHIVER
     from streams import topics
 
     try:
-        return await asyncio.wait_for(_committed(settings, topics.group_id(settings, ARCHIVER),
-                                                 settings.topic(topics.CLICKS)), timeout_s)
+        return await asyncio.wait_for(topics.committed_offsets(
+            settings, topics.group_id(settings, ARCHIVER), settings.topic(topics.CLICKS)), timeout_s)
     except Exception:  # noqa: BLE001 - any failure means "unknown": read every published file
         return None
 

@@ -119,18 +119,6 @@ async def _offsets(settings: Settings, topic: str, from_: str | None, to: str | 
         await consumer.stop()
 
 
-async def _committed(settings: Settings, group: str, topic: str) -> dict[int, int]:
-    """The group's committed offsets of `topic`, by partition (none: empty)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items()
-            if tp.topic == topic and meta.offset >= 0}
-
-
 async def _active_members(admin: AIOKafkaAdminClient, group: str) -> int:
     described = await admin.describe_consumer_groups([group])
     # groups: (error_code, group, state, protocol_type, protocol, members)
@@ -292,7 +280,8 @@ async def run(settings: Settings, args) -> int:
     if args.source == "archive":
         if kind == "processor":
             refuse_archive_processor(args.topic, name, _range_args(args), settings.prefix)
-        committed = await _committed(settings, topics.group_id(settings, ARCHIVER), settings.topic(args.topic))
+        committed = await topics.committed_offsets(settings, topics.group_id(settings, ARCHIVER),
+                                                   settings.topic(args.topic))
         source = await ArchiveSource.open(settings, args, partitions_of(args), committed)
         plan_ = await source.plan(args.target)
     else:

@@ -20,7 +20,7 @@ from bench._common import produce
 from schemas import json_schema
 from services.demo import click_records
 from services.model import artifact
-from services.replay.command import ARCHIVER, _committed
+from services.replay.command import ARCHIVER
 from streams import topics
 from schemas.archive import SCHEMAS
 from streams.archive_layout import FileRange
@@ -96,7 +96,7 @@ async def archive(settings, workers, events: list[dict]) -> None:
     await eventually(lambda: asyncio.to_thread(archived_rows, store, topic),
                      lambda n: n >= len(events), timeout_s=60, what="every event archived")
     group = topics.group_id(settings, ARCHIVER)
-    await eventually(lambda: _committed(settings, group, topic),
+    await eventually(lambda: topics.committed_offsets(settings, group, topic),
                      lambda c: sum(c.values()) == len(records), timeout_s=30,
                      what="archived offsets committed")
     workers.stop()
