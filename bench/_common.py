@@ -30,6 +30,11 @@ def bench_settings(partitions: int | None = None) -> Settings:
     settings = dataclasses.replace(base, prefix=f"bench-{uuid.uuid4().hex[:8]}.",
                                    partitions=partitions or base.partitions)
     atexit.register(lambda: asyncio.run(drop_topics(settings)))
+    # Killed by `timeout` or a terminal (SIGTERM, SIGHUP): exit normally instead, so the
+    # `finally` blocks stop the bench's processes and atexit drops its topics (a killed
+    # run used to leave them on the shared broker).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     return settings
 
 
