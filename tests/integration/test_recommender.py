@@ -387,3 +387,44 @@ async def test_gc_policy_young_collections_per_requests_and_timed_full_ones(sett
         assert await pauses(2) >= full_before + 1
     assert gc.get_threshold() == before
     await redis.aclose()
+
+
+async def test_model_breaker_counts_scoring_cpu_time_not_waiting(settings, monkeypatch):
+    """Scoring that waits (the GIL held by a model loading in a thread, a busy core) past the
+    budget never fails the model breaker; scoring that computes past it does, and opens it."""
+    import services.recommender.service as service_module
+
+    real_score = service_module.score
+    redis = aioredis.from_url(settings.redis_url)
+    s = tuned(settings, budget_ms=30, redis_budget_ms=10, breaker_min_requests=3,
+              breaker_window_ms=10_000, breaker_sleep_ms=10_000)
+    await seed(s, redis)
+
+    def waiting(*args):
+        time.sleep(0.04)          # 40 ms of wall time, no CPU
+        return real_score(*args)
+
+    def computing(*args):
+        end = time.thread_time() + 0.04
+        while time.thread_time() < end:   # 40 ms of this thread's CPU
+            pass
+        return real_score(*args)
+
+    async with TestClient(TestServer(make_app(s))) as client:
+        async def model_breaker() -> dict:
+            return (await (await client.get("/health")).json())["breakers"]["model"]
+
+        monkeypatch.setattr(service_module, "score", waiting)
+        for _ in range(4):
+            _, body = await get(client, user_id=user_id(1), k=3)
+            assert body["path"] == "model" and body["reason"] is None
+        assert (await model_breaker())["state"] == "closed"
+        assert (await model_breaker())["error_rate"] == 0.0
+
+        monkeypatch.setattr(service_module, "score", computing)
+        for _ in range(4):
+            await get(client, user_id=user_id(1), k=3)
+        assert (await model_breaker())["state"] == "open"
+        _, body = await get(client, user_id=user_id(1), k=3)
+        assert body["path"] == "fallback" and body["reason"] == "model_open"
+    await redis.aclose()
