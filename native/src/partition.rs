@@ -167,13 +167,9 @@ impl Partition {
         // into records (a replay may pack them differently). Open sessions are disjoint
         // and sorted, so if any is due the first is.
         if state.open.first().is_some_and(|s| s.end + gap + grace <= self.watermark) {
+            // (Their expiry entries stay in the heap: the pass queues the visitor for
+            // forgetting when it pops them, as for any closed session.)
             close_due(visitor, state, self.watermark, gap + grace, &mut self.seen, &mut self.dirty, out);
-            if state.open.is_empty() && retention > 0 && !state.forget_queued {
-                if let Some(end) = state.last_end {
-                    state.forget_queued = true;
-                    self.forget.push(Reverse((end.saturating_add(retention), visitor.to_owned())));
-                }
-            }
         }
         let sessions = &mut state.open;
         let fast = sessions.len() == 1 && {
@@ -198,13 +194,11 @@ impl Partition {
                         out.late.push((index, LATE));
                         return;
                     }
-                    if self.config.retention_ms > 0 && due_to_forget(state, self.watermark, gap + grace,
-                                                                      self.config.retention_ms) {
-                        // The pass after the previous event would have closed its sessions
-                        // and forgotten it, had that event ended a record: do the same, so
-                        // that forgetting does not depend on how events were packed.
-                        close_due(visitor, state, self.watermark, gap + grace, &mut self.seen,
-                                  &mut self.dirty, out);
+                    if retention > 0 && sessions.is_empty() && state.last_end
+                        .is_some_and(|end| end.saturating_add(retention) <= self.watermark) {
+                        // Its due sessions are closed (above); the pass after the previous
+                        // event would also have forgotten it, had that event ended a record:
+                        // do the same, so forgetting does not depend on how events were packed.
                         state.closed_count = 0;
                         state.last_session_id = None;
                         state.last_end = None;
@@ -323,14 +317,6 @@ fn close_due(visitor: &str, state: &mut VisitorState, watermark: i64, slack: i64
             dirty.push(visitor.to_owned());
         }
     }
-}
-
-/// Whether a pass at `watermark` would close every open session of the visitor and
-/// then forget it (its last end `retention` or more behind).
-fn due_to_forget(state: &VisitorState, watermark: i64, slack: i64, retention: i64) -> bool {
-    state.open.iter().all(|s| s.end + slack <= watermark)
-        && state.open.iter().map(|s| s.end).chain(state.last_end).max()
-            .is_some_and(|end| end.saturating_add(retention) <= watermark)
 }
 
 /// The open session an event at `ts` joins, merging the ones it bridges (then
