@@ -177,7 +177,7 @@ class FoldIn:
         confidences = [alpha * float(w) for w in weights]
         if self.native is not None:
             out = np.empty(self.items.shape[1], np.float32)
-            if self.native.solve(out, list(positions), confidences):
+            if self.native.solve(out, positions, confidences):
                 return out
         return solve_one(self.base, self.items[np.asarray(positions, np.int64)].astype(np.float64),
                          np.asarray(confidences, np.float64)).astype(np.float32)
