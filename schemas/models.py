@@ -32,7 +32,7 @@ class ModelAnnouncement(TypedDict):
     v: int                      # SCHEMA_VERSION
     name: str                   # the model name: also the record key (UTF-8)
     version: str                # sortable and unique: <UTC time>-<short hash of the arrays>
-    path: str                   # the artifact folder <model dir>/<name>/<version>
+    path: str                   # the artifact: <model dir>/<name>/<version>, an absolute path or a URI
     content_sha256: str         # services.model.artifact.content_hash: verify before serving
     created_ms: int
     data_range: list[int] | None  # [first, last] event time of the training data

@@ -124,8 +124,8 @@ class Settings:
     breaker_error_pct: int = _env("CLICKLOOP_BREAKER_ERROR_PCT", 1, default=50)
     breaker_sleep_ms: int = _env("CLICKLOOP_BREAKER_SLEEP_MS", 10, default=5000)
     # Models: the name served (its newest announcement on `models` wins), an
-    # optional shadow model scored on a fraction of requests, artifact root
-    # (empty: <state_dir>/models) and the TTL of precomputed top-k lists.
+    # optional shadow model scored on a fraction of requests, artifact root (a
+    # folder or a pyarrow filesystem URI; empty: <state_dir>/models) and the TTL of precomputed top-k lists.
     model_name: str = _env("CLICKLOOP_MODEL_NAME", default="als")
     shadow_model: str = _env("CLICKLOOP_SHADOW_MODEL", default="")
     shadow_fraction: float = _env("CLICKLOOP_SHADOW_FRACTION", 0, default=0.0)
@@ -245,9 +245,10 @@ class Settings:
         return self.archive_uri or str(self.state_dir / "archive")
 
     @property
-    def model_root(self) -> Path:
-        """Where model artifacts live: CLICKLOOP_MODEL_DIR, else <state_dir>/models."""
-        return Path(self.model_dir) if self.model_dir else self.state_dir / "models"
+    def model_root(self) -> str:
+        """Where model artifacts live: CLICKLOOP_MODEL_DIR (a folder or a filesystem URI),
+        else <state_dir>/models."""
+        return self.model_dir or str(self.state_dir / "models")
 
     def topic(self, name: str) -> str:
         return f"{self.prefix}{name}"

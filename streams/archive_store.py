@@ -1,8 +1,9 @@
 """The archive's filesystem: write, make durable, publish, list, delete (pyarrow.fs).
 
-The store under a URI: a local folder (the default, `<state_dir>/archive`),
-`s3://bucket/prefix`, `hdfs://namenode/path`, `gs://...` — whatever
-`pyarrow.fs.FileSystem.from_uri` opens. What "durable, then visible" means on each:
+The store under a URI (streams/storage.py): a local folder (the default,
+`<state_dir>/archive`), `s3://bucket/prefix`, `hdfs://namenode/path`, `gs://...` —
+whatever `pyarrow.fs.FileSystem.from_uri` opens. What "durable, then visible"
+means on each:
 
 - local: the file is written under a temporary name, `fsync`ed, renamed
   (atomic on POSIX), and its directory is `fsync`ed so the rename survives a
@@ -22,18 +23,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from streams.archive_layout import FileRange, hour_dir, topic_dir
+from streams.storage import fsync_dir, locate
 
 ROW_GROUP_ROWS = 128 * 1024
 COMPRESSION = "zstd"
-_ATOMIC_PUT = tuple(getattr(pafs, n) for n in ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
-                    if hasattr(pafs, n))
 
 
 @dataclass(frozen=True)
@@ -46,13 +45,10 @@ class Written:
 
 class ArchiveStore:
     def __init__(self, uri: str) -> None:
-        if "://" not in uri:
-            uri = str(Path(uri).resolve())
-        self.uri = uri
-        self.fs, root = pafs.FileSystem.from_uri(uri)
-        self.root = root.rstrip("/")
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.atomic_put = isinstance(self.fs, _ATOMIC_PUT)
+        where = locate(uri)
+        self.uri = where.uri
+        self.fs, self.root = where.fs, where.path.rstrip("/")
+        self.local, self.atomic_put = where.local, where.atomic_put
         self._durable_dirs: set[str] = set()
 
     def topic_path(self, topic: str) -> str:
@@ -94,7 +90,7 @@ class ArchiveStore:
                 folders.add(w.final.rsplit("/", 1)[0])
         if self.local:
             for folder in sorted(folders):
-                _fsync_dir(folder)
+                fsync_dir(folder)
 
     def _ensure_dir(self, folder: str) -> None:
         if folder in self._durable_dirs:
@@ -104,8 +100,8 @@ class ArchiveStore:
             # A new directory's entry lives in its parent: fsync up to the root.
             path = folder
             while len(path) > len(self.root) and path not in self._durable_dirs:
-                _fsync_dir(path)
-                _fsync_dir(path.rsplit("/", 1)[0])
+                fsync_dir(path)
+                fsync_dir(path.rsplit("/", 1)[0])
                 self._durable_dirs.add(path)
                 path = path.rsplit("/", 1)[0]
         self._durable_dirs.add(folder)
@@ -123,12 +119,5 @@ class ArchiveStore:
             folders.add(path.rsplit("/", 1)[0])
         if self.local:
             for folder in sorted(folders):
-                _fsync_dir(folder)
+                fsync_dir(folder)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -95,3 +95,57 @@ def workers(settings: Settings, tmp_path: Path):
     running = Workers(settings, tmp_path)
     yield running
     running.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class S3:
+    """An S3 endpoint for the object-storage tests and its bucket."""
+    endpoint: str
+    bucket: str = "clickloop-it"
+
+    def uri(self, prefix: str) -> str:
+        """A pyarrow URI under the bucket that any process (workers, `clickloop train`) opens."""
+        return (f"s3://{self.bucket}/{prefix}?endpoint_override={self.endpoint}&scheme=http"
+                f"&region=us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server (S3's REST API over real HTTP, objects in memory) in its own
+    process, started once per session, with one bucket. pyarrow's S3 client (the AWS
+    C++ SDK) talks to it as to S3; credentials come from the environment as on a
+    real cluster (moto accepts any), and child processes inherit them."""
+    import socket
+    import time
+
+    import pyarrow.fs as pafs
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "clickloop-test"), ("AWS_SECRET_ACCESS_KEY", "clickloop-test"),
+                        ("AWS_EC2_METADATA_DISABLED", "true")):
+        os.environ.setdefault(name, value)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start; see {log.name}") from None
+                time.sleep(0.1)
+        endpoint = S3(f"127.0.0.1:{port}")
+        pafs.S3FileSystem(endpoint_override=endpoint.endpoint, scheme="http", region="us-east-1",
+                          allow_bucket_creation=True).create_dir(endpoint.bucket)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -8,15 +8,22 @@ JSON, sorted keys) and every array (name, dtype, shape and C-order bytes,
 sorted by name). Reading verifies it, so a truncated copy or an edited file is
 refused with `ArtifactError` before the recommender serves from it.
 
-A version is written once: into a hidden temporary folder, then renamed into
-place, so a reader never sees half an artifact; writing an existing version is
-refused. Arrays are loaded with `allow_pickle=False` (ids are unicode arrays).
+The root is a local folder or any filesystem URI (`CLICKLOOP_MODEL_DIR`,
+streams/storage.py): trainers and recommenders on different hosts share an
+object store (`s3://bucket/models`) or a volume. A version is written once, so
+that a reader never sees half an artifact: locally and on HDFS into a hidden
+temporary folder, then renamed into place (locally with `fsync`s); on an
+object store, where an object appears whole or not at all and nothing
+renames, straight to its keys, the manifest last (the announcement comes only
+after `write` returns, and the content hash refuses any partial copy). Writing
+an existing version is refused. Arrays are loaded with `allow_pickle=False`
+(ids are unicode arrays).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import shutil
 import uuid
 import zipfile
 from collections.abc import Mapping
@@ -25,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+
+from streams.storage import Location, fsync_dir, locate
 
 FORMAT = 1
 MANIFEST, ARRAYS = "manifest.json", "arrays.npz"
@@ -71,9 +80,9 @@ class Manifest:
 
 @dataclass(frozen=True, slots=True)
 class Artifact:
-    """A verified artifact: its folder, manifest and arrays."""
+    """A verified artifact: its folder (a path or a URI), manifest and arrays."""
 
-    path: Path
+    path: str
     manifest: Manifest
     arrays: dict[str, np.ndarray]
 
@@ -92,15 +101,15 @@ def content_hash(manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def artifact_dir(root: Path, name: str, version: str) -> Path:
+def artifact_dir(root: str | Path, name: str, version: str) -> Location:
     """Where a version of a model lives under the artifact root."""
-    return Path(root) / name / version
+    return locate(root).child(name, version)
 
 
-def write(root: Path, manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> Artifact:
-    """Write a new version (atomically); returns it with the manifest's hash filled in."""
+def write(root: str | Path, manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> Artifact:
+    """Write a new version (all or nothing); returns it with the manifest's hash filled in."""
     for part in (manifest.name, manifest.version):
-        if not part or part.startswith(".") or "/" in part or os.sep in part:
+        if not part or part.startswith(".") or "/" in part or os.sep in part or "?" in part:
             raise ArtifactError(f"name and version must be plain folder names, not {part!r}")
     final = artifact_dir(root, manifest.name, manifest.version)
     if final.exists():
@@ -109,33 +118,70 @@ def write(root: Path, manifest: Manifest, arrays: Mapping[str, np.ndarray]) -> A
     spec = {n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in sorted(arrays.items())}
     unsigned = replace(manifest, arrays=spec, content_sha256="")
     signed = replace(unsigned, content_sha256=content_hash(unsigned, arrays))
-    tmp = final.parent / f".{manifest.version}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir(parents=True)
+    files = {ARRAYS: _npz(arrays),
+             MANIFEST: orjson.dumps(signed.as_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)}
+    if final.atomic_put:
+        for name, data in files.items():   # the manifest last
+            _put(final.fs, f"{final.path}/{name}", data)
+    else:
+        _write_and_rename(final, files)
+    return Artifact(final.uri, signed, arrays)
+
+
+def _npz(arrays: Mapping[str, np.ndarray]) -> bytes:
+    out = io.BytesIO()
+    np.savez(out, **arrays)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _write_and_rename(final: Location, files: Mapping[str, bytes]) -> None:
+    fs, parent = final.fs, final.path.rsplit("/", 1)[0]
+    tmp = f"{parent}/.{final.path.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+    fs.create_dir(tmp, recursive=True)
     try:
-        with open(tmp / ARRAYS, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / MANIFEST, "wb") as f:
-            f.write(orjson.dumps(signed.as_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
+        for name, data in files.items():
+            if final.local:
+                with open(f"{tmp}/{name}", "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                _put(fs, f"{tmp}/{name}", data)
+        if final.local:
+            fsync_dir(tmp)
+        fs.move(tmp, final.path)
+        if final.local:
+            fsync_dir(parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            fs.delete_dir(tmp)
+        except OSError:
+            pass
         raise
-    return Artifact(final, signed, arrays)
 
 
-def read(path: Path) -> Artifact:
-    """Load and verify an artifact folder; ArtifactError when missing, unreadable or tampered."""
-    path = Path(path)
+def read(where: str | Path) -> Artifact:
+    """Load and verify an artifact folder (a path or a URI); ArtifactError when missing,
+    unreadable or tampered."""
     try:
-        manifest = Manifest.from_dict(orjson.loads((path / MANIFEST).read_bytes()))
-        with np.load(path / ARRAYS, allow_pickle=False) as npz:
+        loc = locate(where)
+        with loc.fs.open_input_stream(f"{loc.path}/{MANIFEST}") as f:
+            manifest = Manifest.from_dict(orjson.loads(f.read()))
+        if loc.local:   # read in place; a remote store is read whole, in one request
+            source = f"{loc.path}/{ARRAYS}"
+        else:
+            with loc.fs.open_input_stream(f"{loc.path}/{ARRAYS}") as f:
+                source = io.BytesIO(f.read())
+        with np.load(source, allow_pickle=False) as npz:
             arrays = {n: npz[n] for n in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError is a ValueError
-        raise ArtifactError(f"{path}: unreadable artifact: {exc}") from None
+        raise ArtifactError(f"{where}: unreadable artifact: {exc}") from None
+    path = loc.uri
     spec = {n: {"dtype": a.dtype.str, "shape": list(a.shape)} for n, a in sorted(arrays.items())}
     if spec != manifest.arrays:
         raise ArtifactError(f"{path}: arrays {spec} differ from the manifest's {manifest.arrays}")
@@ -145,7 +191,7 @@ def read(path: Path) -> Artifact:
     return Artifact(path, manifest, arrays)
 
 
-def verify(path: Path) -> Manifest:
+def verify(path: str | Path) -> Manifest:
     """The manifest of an artifact whose content matches its hash; ArtifactError otherwise."""
     return read(path).manifest
 
@@ -153,6 +199,6 @@ def verify(path: Path) -> Manifest:
 def announcement(artifact: Artifact) -> dict:
     """The record announcing a model on the compacted `models` topic (keyed by name)."""
     m = artifact.manifest
-    return {"v": 1, "name": m.name, "version": m.version, "path": str(artifact.path),
+    return {"v": 1, "name": m.name, "version": m.version, "path": artifact.path,
             "content_sha256": m.content_sha256, "created_ms": m.created_ms,
             "data_range": list(m.data_range) if m.data_range else None, "metrics": m.metrics}

@@ -443,8 +443,8 @@ def run(settings: Settings, args) -> int:
                                   trained.data_range, manifest_params(options, trained),
                                   trained.holdout.metrics(), list(trained.matrix.items))
     try:
-        art = artifacts.write(settings.model_root.resolve(), manifest, arrays)
-    except (artifacts.ArtifactError, OSError) as exc:
+        art = artifacts.write(settings.model_root, manifest, arrays)
+    except (artifacts.ArtifactError, OSError, ValueError) as exc:
         raise TrainError(f"could not write the artifact under {settings.model_root} "
                          f"(CLICKLOOP_MODEL_DIR): {exc}") from None
     precomputed = None

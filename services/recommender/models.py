@@ -34,6 +34,7 @@ from services.recommender.follower import TopicFollower
 from services.recommender.ranking import Catalogue
 from services.settings import Settings
 from streams import topics
+from streams.storage import locate
 
 log = logging.getLogger("clickloop.recommender.models")
 ALS_FIELDS = frozenset(AlsParams.__dataclass_fields__)
@@ -99,11 +100,12 @@ class ServedModel:
                 "content_sha256": self.content_sha256}
 
 
-def load(ann: Announcement, root: Path) -> ServedModel:
-    """Read, verify and build a model (blocking: run it in a thread)."""
-    path = Path(ann.path)
-    if not path.is_absolute() and not path.exists():
-        path = root / path
+def load(ann: Announcement, root: str) -> ServedModel:
+    """Read, verify and build a model (blocking: run it in a thread). The announcement's
+    path is a URI or an absolute path; a relative one is taken under the artifact root."""
+    path = ann.path
+    if "://" not in path and not Path(path).is_absolute() and not Path(path).exists():
+        path = str(locate(root).child(path))
     try:
         art = artifacts.read(path)
     except artifacts.ArtifactError as exc:

@@ -32,7 +32,7 @@ def user_id(u: int) -> str:
     return f"user-{u:05d}"
 
 
-def random_model(root: Path, name: str, version: str, n_items: int = 1000, factors: int = 16,
+def random_model(root: str | Path, name: str, version: str, n_items: int = 1000, factors: int = 16,
                  n_users: int = 100, seed: int = 0) -> artifacts.Artifact:
     """A model artifact with random factors (items `item-00000`…, users `user-00000`…)."""
     rng = np.random.default_rng(seed)

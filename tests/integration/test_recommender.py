@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from pathlib import Path
 
 import fastjsonschema
 import orjson
@@ -278,8 +279,8 @@ async def test_tampered_model_is_refused_and_the_old_one_kept(settings):
     redis = aioredis.from_url(s.redis_url)
     await seed(s, redis)
     bad = random_model(s.model_root, "als", "v9", n_items=50, factors=8, n_users=5, seed=3)
-    (bad.path / "manifest.json").write_bytes(
-        (bad.path / "manifest.json").read_bytes().replace(b'"synthetic": true', b'"synthetic": false'))
+    manifest = Path(bad.path) / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"synthetic": true', b'"synthetic": false'))
     async with TestClient(TestServer(make_app(s))) as client:
         await announce(s, bad)
         body = await eventually(lambda: _health(client), lambda h: h["model_error"] is not None, 15,
@@ -340,7 +341,7 @@ async def test_artifact_with_bad_parameters_is_refused_not_retried_forever(setti
     s = tuned(settings)
     redis = aioredis.from_url(s.redis_url)
     await seed(s, redis)
-    good = random_model(s.model_root / "src", "als", "v5", n_items=50, factors=8, n_users=5, seed=4)
+    good = random_model(f"{s.model_root}/src", "als", "v5", n_items=50, factors=8, n_users=5, seed=4)
     # A verified artifact whose parameters AlsParams cannot take (a TypeError, not a
     # ValueError): refused like any bad artifact, not a crash loop of the watcher.
     bad_manifest = dc.replace(good.manifest, params={**good.manifest.params, "factors": "many"},

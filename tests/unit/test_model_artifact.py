@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -28,7 +29,7 @@ def arrays() -> dict[str, np.ndarray]:
 
 def test_round_trip(tmp_path):
     written = write(tmp_path, manifest(), arrays())
-    assert written.path == tmp_path / "als" / "20260101T000000Z"
+    assert written.path == str(tmp_path / "als" / "20260101T000000Z")
     assert len(written.manifest.content_sha256) == 64
     back = read(written.path)
     assert back.manifest == written.manifest
@@ -86,16 +87,24 @@ def tamper_array(path):
 ])
 def test_tampering_is_refused(tmp_path, tamper, why):
     written = write(tmp_path, manifest(), arrays())
-    tamper(written.path)
+    tamper(Path(written.path))
     with pytest.raises(ArtifactError):
         read(written.path)
+
+
+def test_a_file_uri_root_is_the_folder(tmp_path):
+    """`CLICKLOOP_MODEL_DIR=file:///…` writes the same folder, named by its path (what the
+    announcement carries); a relative root is made absolute for other processes."""
+    written = write(f"file://{tmp_path}", manifest(), arrays())
+    assert written.path == str(tmp_path / "als" / "20260101T000000Z")
+    assert read(f"file://{written.path}").manifest == read(written.path).manifest == written.manifest
 
 
 def test_versions_are_written_once_and_names_are_plain(tmp_path):
     write(tmp_path, manifest(), arrays())
     with pytest.raises(ArtifactError):
         write(tmp_path, manifest(), arrays())
-    for bad in ("", "../x", ".hidden"):
+    for bad in ("", "../x", ".hidden", "v?x=1"):
         with pytest.raises(ArtifactError):
             write(tmp_path, manifest(version=bad), arrays())
 
