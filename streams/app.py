@@ -7,6 +7,7 @@ with different prefixes.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 import time
@@ -80,12 +81,14 @@ def make_app(settings: Settings, processor: str) -> faust.App:
     return app
 
 
-def processors() -> dict[str, Builder]:
-    from streams import archive, attribution, bandits, cdc_history, features, sessionize
+# Each processor's module (its `build`), imported only by the worker that runs it: the
+# sessionizer has no use for pyarrow, numpy or the model code that others load.
+PROCESSORS = {name: f"streams.{name}" for name in
+              ("sessionize", "features", "archive", "cdc_history", "attribution", "bandits")}
 
-    return {"sessionize": sessionize.build, "features": features.build, "archive": archive.build,
-            "cdc_history": cdc_history.build,
-            "attribution": attribution.build, "bandits": bandits.build}
+
+def builder(processor: str) -> Builder:
+    return importlib.import_module(PROCESSORS[processor]).build
 
 
 def run_worker(processor: str, settings: Settings) -> None:
@@ -97,13 +100,13 @@ def run_worker(processor: str, settings: Settings) -> None:
     # before the core released the GIL): 5 ms 128-168k events/s, 1 ms
     # 182-196k, 0.25 ms 204-206k, 0.1 ms 201-213k.
     sys.setswitchinterval(0.00025)
-    builders = processors()
-    if processor not in builders:
-        raise SystemExit(f"unknown processor {processor!r}; choose one of {', '.join(builders)}")
+    if processor not in PROCESSORS:
+        raise SystemExit(f"unknown processor {processor!r}; choose one of {', '.join(PROCESSORS)}")
+    build = builder(processor)
     asyncio.run(ensure_topics(settings))
     app = make_app(settings, processor)
     meter = Meter()
-    builders[processor](app, settings, meter)
+    build(app, settings, meter)
 
     @app.timer(1.0)
     async def progress() -> None:
