@@ -1,8 +1,9 @@
 """Object storage end to end, over S3's API (the session's `s3` endpoint, tests/conftest.py).
 
 The shape of a cluster whose hosts share only Kafka, Redis and a bucket: the
-archive worker writes its Parquet files to the bucket, `clickloop train` (its
-own process) reads them there and writes its artifact there, and a recommender
+archive worker writes its Parquet files to the bucket, `clickloop replay` brings
+them back into a topic, `clickloop train` (its own process) reads
+them there and writes its artifact there, and a recommender
 whose own `CLICKLOOP_MODEL_DIR` is an empty local folder serves the model from
 the URI the announcement carries."""
 from __future__ import annotations
@@ -23,9 +24,15 @@ from streams import topics
 from streams.archive_store import ArchiveStore
 from streams.storage import locate
 from tests.integration.helpers import read_topic
+from tests.integration.test_replay import replay
+from tests.integration.test_replay_archive import read_records, record_count
 from tests.integration.test_train import archive, planted_clicks, train
 
 pytestmark = pytest.mark.integration
+
+
+def events_of(value: bytes) -> list[dict]:
+    return [{k: v for k, v in e.items() if v is not None} for e in orjson.loads(value)["events"]]
 
 
 async def test_archive_train_and_serve_through_a_bucket(settings, workers, s3, tmp_path):
@@ -43,7 +50,18 @@ async def test_archive_train_and_serve_through_a_bucket(settings, workers, s3, t
     files = store.list_topic(settings.topic(topics.CLICKS))
     assert files and all(f.endswith(".parquet") for f in files), "only final objects, no temp names"
 
-    # 2. Train from the bucket, artifact into the bucket, announced with its URI.
+    # 2. A backfill from the bucket: the live topic's records (fields the planted events
+    #    lack come back as nulls: a column has no "absent").
+    clicks = settings.topic(topics.CLICKS)
+    live = await read_records(settings.kafka_bootstrap, clicks, await record_count(settings, clicks))
+    done = replay(settings, "--topic", "clicks", "--source", "archive", "--target", "topic:clicks.bf",
+                  "--execute")
+    assert done.returncode == 0, done.stdout + done.stderr
+    back = await read_records(settings.kafka_bootstrap, settings.topic("clicks.bf"), len(live))
+    assert [(p, k, events_of(v)) for p, k, v in back] == [(p, k, events_of(v)) for p, k, v in live]
+    assert await record_count(settings, settings.topic("clicks.bf")) == len(live)
+
+    # 3. Train from the bucket, artifact into the bucket, announced with its URI.
     done = train(settings, "--json", "--factors", "8", "--iterations", "10", "--k", "5")
     assert done.returncode == 0, done.stderr
     out = orjson.loads(done.stdout)
@@ -63,7 +81,7 @@ async def test_archive_train_and_serve_through_a_bucket(settings, workers, s3, t
                                     lambda got: len(got) >= 1, timeout_s=20)
     assert announced == artifact.announcement(written)
 
-    # 3. A recommender with nothing local serves it, from the announcement's URI.
+    # 4. A recommender with nothing local serves it, from the announcement's URI.
     elsewhere = tmp_path / "elsewhere"
     serving = dataclasses.replace(settings, model_dir=str(elsewhere), feature_cache_ms=0)
     redis = aioredis.from_url(serving.redis_url)
