@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import bench_settings, produce, worker_rate  # noqa: E402
+from services.infra import free_port  # noqa: E402
 from streams import topics  # noqa: E402
 from streams.cdc_history import offline_history  # noqa: E402
 from streams.history import HistoryConfig  # noqa: E402
@@ -108,12 +108,6 @@ def partitioned(records, partitions: int) -> list[tuple[int, bytes, bytes | None
     return [((murmur2(k) & 0x7FFFFFFF) % partitions, k, v) for k, v, _ in records]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def lookups(settings, rows: list[dict], keys: int, m: int, t_end: int) -> tuple[float, float]:
     """p99 of `m` as-of lookups over HTTP against the history service (a separate process),
     and p99 of the same lookups timed in-process through `routes.answer` (ms)."""
@@ -122,7 +116,7 @@ async def lookups(settings, rows: list[dict], keys: int, m: int, t_end: int) -> 
     from services.history.routes import answer
     from services.history.store import HistoryStore
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "services.history.app", "--port", str(port)],
                             env={**os.environ, **settings.as_env()})
     rng = random.Random(3)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from aiokafka import AIOKafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import bench_settings  # noqa: E402
 from bench._load import raw_events  # noqa: E402
+from services.infra import free_port  # noqa: E402
 from schemas.clicks import visitor_key  # noqa: E402
 from services.collector.ingest import to_click  # noqa: E402
 from streams import topics  # noqa: E402
@@ -39,12 +39,6 @@ from streams.topics import ensure_topics  # noqa: E402
 KEY = "bench-write-key"
 RAW_TOPIC = "clicks.rawbench"
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_collector(settings, port: int) -> subprocess.Popen:

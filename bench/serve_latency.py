@@ -30,7 +30,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,17 +43,12 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import bench_settings  # noqa: E402
+from services.infra import free_port  # noqa: E402
 from services.recommender.synthetic import (PrivateRedis, announce, item_id, random_model,  # noqa: E402
                                             user_id, write_popular, write_users)
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(port: int, path: str, timeout: float = 2.0) -> dict:

@@ -61,7 +61,14 @@ def redis_service(settings: Settings) -> Service:
                    settings.state_dir / "redis")
 
 
-def _port_open(host: str, port: int) -> bool:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now (for a private server: a test's, a benchmark's)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
@@ -81,7 +88,7 @@ async def _kafka_metadata(bootstrap: str) -> int:
 def kafka_ready(settings: Settings) -> bool:
     """True when the broker answers a metadata request (an open port is not enough)."""
     svc = kafka_service(settings)
-    if not _port_open(svc.host, svc.port):
+    if not port_open(svc.host, svc.port):
         return False
     try:
         return asyncio.run(_kafka_metadata(settings.kafka_bootstrap)) > 0
@@ -107,7 +114,7 @@ def _pid(svc: Service) -> int | None:
         return None
 
 
-def _wait(ready, svc: Service, proc: subprocess.Popen, timeout_s: float) -> None:
+def wait_ready(ready, svc: Service, proc: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready():
@@ -133,7 +140,7 @@ def start_kafka(settings: Settings, timeout_s: float = 90) -> bool:
     if kafka_ready(settings):
         return False
     svc = kafka_service(settings)
-    if _port_open(svc.host, svc.port):
+    if port_open(svc.host, svc.port):
         raise InfraError(f"{svc.host}:{svc.port} is taken by something that is not answering "
                          f"as a Kafka broker; stop it or set CLICKLOOP_KAFKA")
     if not shutil.which("java"):
@@ -160,7 +167,7 @@ def start_kafka(settings: Settings, timeout_s: float = 90) -> bool:
     proc = subprocess.Popen([*java, "kafka.Kafka", str(config)], stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
     svc.pidfile.write_text(str(proc.pid))
-    _wait(lambda: kafka_ready(settings), svc, proc, timeout_s)
+    wait_ready(lambda: kafka_ready(settings), svc, proc, timeout_s)
     return True
 
 
@@ -180,7 +187,7 @@ def start_redis(settings: Settings, timeout_s: float = 20) -> bool:
         stdout=subprocess.DEVNULL, stderr=open(svc.state_dir / "stderr.log", "ab"),
         start_new_session=True)
     svc.pidfile.write_text(str(proc.pid))
-    _wait(lambda: redis_ready(settings), svc, proc, timeout_s)
+    wait_ready(lambda: redis_ready(settings), svc, proc, timeout_s)
     return True
 
 

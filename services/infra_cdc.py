@@ -36,7 +36,7 @@ import urllib.request
 from glob import glob
 from pathlib import Path
 
-from services.infra import InfraError, Service, _port_open, _wait, stop
+from services.infra import InfraError, Service, port_open, stop, wait_ready
 from services.settings import REPO_ROOT, Settings
 
 PG_DEPLOY = REPO_ROOT / "deploy" / "postgres"
@@ -97,7 +97,7 @@ def pg_bin(name: str) -> str | None:
 
 def pg_ready(settings: Settings) -> bool:
     """True when PostgreSQL accepts connections at CLICKLOOP_PG_HOST:CLICKLOOP_PG_PORT."""
-    if not _port_open(settings.pg_host, settings.pg_port):
+    if not port_open(settings.pg_host, settings.pg_port):
         return False
     isready = pg_bin("pg_isready")
     if isready is None:
@@ -206,7 +206,7 @@ def start_postgres(settings: Settings, timeout_s: float = 60) -> bool:
     if not _is_loopback(settings.pg_host):
         raise InfraError(f"PostgreSQL at {settings.pg_host}:{settings.pg_port} does not answer; "
                          "clickloop starts its own only on loopback (CLICKLOOP_PG_HOST=127.0.0.1)")
-    if _port_open(settings.pg_host, settings.pg_port):
+    if port_open(settings.pg_host, settings.pg_port):
         raise InfraError(f"{settings.pg_host}:{settings.pg_port} is taken by something that is not "
                          "answering as PostgreSQL; stop it or set CLICKLOOP_PG_PORT")
     if pg_bin("pg_ctl") is None or pg_bin("initdb") is None:
@@ -325,7 +325,7 @@ def _rest(settings: Settings, method: str, path: str, body: dict | None = None,
 
 def connect_ready(settings: Settings) -> bool:
     """True when the Connect worker's REST API answers (and has finished starting)."""
-    if not _port_open("127.0.0.1", settings.connect_port):
+    if not port_open("127.0.0.1", settings.connect_port):
         return False
     try:
         code, body = _rest(settings, "GET", "/", timeout_s=3)
@@ -348,7 +348,7 @@ def start_connect(settings: Settings, timeout_s: float = 120) -> bool:
     if connect_ready(settings):
         return False
     svc = connect_service(settings)
-    if _port_open(svc.host, svc.port):
+    if port_open(svc.host, svc.port):
         raise InfraError(f"{svc.host}:{svc.port} is taken by something that is not answering as "
                          "Kafka Connect; stop it or set CLICKLOOP_CONNECT_PORT")
     if not shutil.which("java"):
@@ -368,7 +368,7 @@ def start_connect(settings: Settings, timeout_s: float = 120) -> bool:
          "org.apache.kafka.connect.cli.ConnectStandalone", str(config)],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     svc.pidfile.write_text(str(proc.pid))
-    _wait(lambda: connect_ready(settings), svc, proc, timeout_s)
+    wait_ready(lambda: connect_ready(settings), svc, proc, timeout_s)
     return True
 
 

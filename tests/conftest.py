@@ -115,31 +115,20 @@ def s3(tmp_path_factory):
     process, started once per session, with one bucket. pyarrow's S3 client (the AWS
     C++ SDK) talks to it as to S3; credentials come from the environment as on a
     real cluster (moto accepts any), and child processes inherit them."""
-    import socket
-    import time
-
     import pyarrow.fs as pafs
+
+    from services.infra import Service, free_port, port_open, wait_ready
 
     for name, value in (("AWS_ACCESS_KEY_ID", "clickloop-test"), ("AWS_SECRET_ACCESS_KEY", "clickloop-test"),
                         ("AWS_EC2_METADATA_DISABLED", "true")):
         os.environ.setdefault(name, value)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    svc = Service("moto", "127.0.0.1", free_port(), tmp_path_factory.mktemp("s3"))
+    log = open(svc.log, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", svc.host, "-p", str(svc.port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not start; see {log.name}") from None
-                time.sleep(0.1)
-        endpoint = S3(f"127.0.0.1:{port}")
+        wait_ready(lambda: port_open(svc.host, svc.port), svc, proc, 30)
+        endpoint = S3(f"{svc.host}:{svc.port}")
         pafs.S3FileSystem(endpoint_override=endpoint.endpoint, scheme="http", region="us-east-1",
                           allow_bucket_creation=True).create_dir(endpoint.bucket)
         yield endpoint

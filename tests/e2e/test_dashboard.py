@@ -9,7 +9,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from services.infra import free_port
 from streams import topics
 from tests.integration.helpers import eventually
 
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.integration
 
 DAY_MS = 86_400_000
 ARMS = ("popular", "personalized")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chromium() -> str:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.cdc_history import change_records
 from services.history.app import make_app
+from services.infra import free_port
 from streams import topics
 from streams.cdc_history import offline_history
 from streams.history import HistoryConfig, resolve, version_at
@@ -238,12 +238,6 @@ async def test_snapshot_files_seed_history_and_a_second_snapshot_adds_only_chang
     assert bad.returncode == 2 and "no key column nope" in bad.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pg_bin() -> Path:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     assert found, "PostgreSQL server binaries not found (Debian's postgresql package)"
@@ -255,7 +249,7 @@ async def test_snapshot_from_a_real_postgresql_table(cdc_settings, workers):
     and port): `COPY` through psql, positions from pg_current_wal_lsn()."""
     settings = cdc_settings
     workers.settings = settings
-    pg, port = _pg_bin(), _free_port()
+    pg, port = _pg_bin(), free_port()
     home = Path(tempfile.mkdtemp(prefix="clickloop-pg-"))
     data = home / "data"
     # initdb refuses to run as root: the server runs as nobody in a directory of its own.
