@@ -17,13 +17,12 @@ import time
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from services import infra_cdc
 from services.settings import Settings
 from streams.debezium import ChangeEvent, decode
 from streams.history import TableHistory, as_of, resolve
-from tests.integration.helpers import read_topic
+from tests.integration.helpers import consume, read_topic
 
 TABLE = "public.subscriptions"
 COLUMNS = ("user_id", "plan", "status")
@@ -69,20 +68,7 @@ def between() -> int:
 
 async def read_records(bootstrap: str, topic: str, until, timeout_s: float = 90) -> list:
     """Raw records (key, value, headers) of `topic` from the start, until `until(records)`."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not until(records):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: got {[(r.key, r.value) for r in records]}")
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
+    return await consume(bootstrap, topic, until, lambda r: r, timeout_s)
 
 
 def values(version: dict) -> tuple:

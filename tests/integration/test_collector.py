@@ -12,14 +12,13 @@ import time
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from aiokafka import AIOKafkaConsumer
 
 from schemas.clicks import partition_of
 from services.collector.app import make_app as collector_app
 from services.recommender.app import make_app as recommender_app
 from services.settings import SettingsError
 from streams import topics
-from tests.integration.helpers import read_topic
+from tests.integration.helpers import consume, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -52,21 +51,9 @@ async def ready(client: TestClient, timeout_s: float = 30) -> None:
 
 async def read_records(bootstrap: str, topic: str, events: int, timeout_s: float = 30):
     """(partition, key, ClickBatch) of `topic` until `events` events were read."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    out, seen, deadline = [], 0, time.monotonic() + timeout_s
-    try:
-        while seen < events:
-            assert time.monotonic() < deadline, f"read {seen} of {events} events"
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for r in records:
-                    value = orjson.loads(r.value)
-                    out.append((r.partition, r.key.decode() if r.key else None, value))
-                    seen += len(value["events"])
-    finally:
-        await consumer.stop()
-    return out
+    return await consume(bootstrap, topic, lambda got: sum(len(v["events"]) for _, _, v in got) >= events,
+                         lambda r: (r.partition, r.key.decode() if r.key else None, orjson.loads(r.value)),
+                         timeout_s)
 
 
 BIG = {"x": "y" * 40_000}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import time
 
 import orjson
 import pytest
@@ -19,7 +18,7 @@ from services.demo import click_events, click_records
 from streams import topics
 from streams.archive_layout import parse
 from streams.archive_store import ArchiveStore
-from tests.integration.helpers import eventually
+from tests.integration.helpers import consume, eventually
 from tests.integration.test_archive import row_count
 from tests.integration.test_replay import replay
 
@@ -30,20 +29,8 @@ async def read_records(bootstrap: str, topic: str, n: int,
                        timeout_s: float = 60) -> list[tuple[int, bytes | None, bytes]]:
     """The first `n` committed records of `topic` as (partition, key, value), by partition
     and then offset."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, group_id=None,
-                                isolation_level="read_committed")
-    await consumer.start()
-    got = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(got) < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{topic}: {len(got)} of {n} records in {timeout_s} s")
-            batches = await consumer.getmany(timeout_ms=500)
-            got += [(r.partition, r.offset, r.key, r.value) for rs in batches.values() for r in rs]
-    finally:
-        await consumer.stop()
+    got = await consume(bootstrap, topic, lambda got: len(got) >= n,
+                        lambda r: (r.partition, r.offset, r.key, r.value), timeout_s)
     return [(p, k, v) for p, _, k, v in sorted(got, key=lambda r: (r[0], r[1]))]
 
 
