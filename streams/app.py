@@ -81,14 +81,13 @@ def make_app(settings: Settings, processor: str) -> faust.App:
     return app
 
 
-# Each processor's module (its `build`), imported only by the worker that runs it: the
-# sessionizer has no use for pyarrow, numpy or the model code that others load.
-PROCESSORS = {name: f"streams.{name}" for name in
-              ("sessionize", "features", "archive", "cdc_history", "attribution", "bandits")}
+# Each processor is the module streams.<name> (its `build`), imported only by the worker
+# that runs it: the sessionizer has no use for pyarrow, numpy or the model code of others.
+PROCESSORS = ("sessionize", "features", "archive", "cdc_history", "attribution", "bandits")
 
 
 def builder(processor: str) -> Builder:
-    return importlib.import_module(PROCESSORS[processor]).build
+    return importlib.import_module(f"streams.{processor}").build
 
 
 def run_worker(processor: str, settings: Settings) -> None:
