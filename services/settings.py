@@ -125,7 +125,8 @@ class Settings:
     breaker_sleep_ms: int = _env("CLICKLOOP_BREAKER_SLEEP_MS", 10, default=5000)
     # Models: the name served (its newest announcement on `models` wins), an
     # optional shadow model scored on a fraction of requests, artifact root (a
-    # folder or a pyarrow filesystem URI; empty: <state_dir>/models) and the TTL of precomputed top-k lists.
+    # folder or a pyarrow filesystem URI; empty: <state_dir>/models) and the TTL
+    # of precomputed top-k lists.
     model_name: str = _env("CLICKLOOP_MODEL_NAME", default="als")
     shadow_model: str = _env("CLICKLOOP_SHADOW_MODEL", default="")
     shadow_fraction: float = _env("CLICKLOOP_SHADOW_FRACTION", 0, default=0.0)

@@ -47,7 +47,7 @@ class ArchiveStore:
     def __init__(self, uri: str) -> None:
         where = locate(uri)
         self.uri = where.uri
-        self.fs, self.root = where.fs, where.path.rstrip("/")
+        self.fs, self.root = where.fs, where.path
         self.local, self.atomic_put = where.local, where.atomic_put
         self._durable_dirs: set[str] = set()
 

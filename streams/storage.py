@@ -69,9 +69,10 @@ def locate(where: str | Path) -> Location:
         path = str(Path(where).resolve())
         return Location(pafs.LocalFileSystem(), path, path)
     fs, path = pafs.FileSystem.from_uri(where)
+    path = path.rstrip("/") or "/"
     if isinstance(fs, pafs.LocalFileSystem):   # file:///… names the folder like a path
         return Location(fs, path, path)
-    return Location(fs, path.rstrip("/"), where)
+    return Location(fs, path, where)
 
 
 def fsync_dir(path: str) -> None:

@@ -134,7 +134,13 @@ def _npz(arrays: Mapping[str, np.ndarray]) -> bytes:
     return out.getvalue()
 
 
-def _put(fs, path: str, data: bytes) -> None:
+def _put(fs, path: str, data: bytes, sync: bool = False) -> None:
+    if sync:   # a local file: on disk before a rename makes it visible
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return
     with fs.open_output_stream(path) as f:
         f.write(data)
 
@@ -145,13 +151,7 @@ def _write_and_rename(final: Location, files: Mapping[str, bytes]) -> None:
     fs.create_dir(tmp, recursive=True)
     try:
         for name, data in files.items():
-            if final.local:
-                with open(f"{tmp}/{name}", "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            else:
-                _put(fs, f"{tmp}/{name}", data)
+            _put(fs, f"{tmp}/{name}", data, sync=final.local)
         if final.local:
             fsync_dir(tmp)
         fs.move(tmp, final.path)

@@ -94,7 +94,7 @@ def test_tampering_is_refused(tmp_path, tamper, why):
 
 def test_a_file_uri_root_is_the_folder(tmp_path):
     """`CLICKLOOP_MODEL_DIR=file:///…` writes the same folder, named by its path (what the
-    announcement carries); a relative root is made absolute for other processes."""
+    announcement carries)."""
     written = write(f"file://{tmp_path}", manifest(), arrays())
     assert written.path == str(tmp_path / "als" / "20260101T000000Z")
     assert read(f"file://{written.path}").manifest == read(written.path).manifest == written.manifest

@@ -1,8 +1,6 @@
 """Locations under a folder or a filesystem URI (streams/storage.py): naming, not I/O."""
 from __future__ import annotations
 
-import os
-
 import pyarrow.fs as pafs
 
 from streams.storage import locate
@@ -16,13 +14,14 @@ def test_a_relative_folder_becomes_absolute(tmp_path, monkeypatch):
 
 
 def test_a_file_uri_names_its_folder(tmp_path):
-    where = locate(f"file://{tmp_path}/models")
-    assert isinstance(where.fs, pafs.LocalFileSystem)
-    assert where.uri == where.path == f"{tmp_path}/models"
+    for uri in (f"file://{tmp_path}/models", f"file://{tmp_path}/models/"):
+        where = locate(uri)
+        assert isinstance(where.fs, pafs.LocalFileSystem)
+        assert where.uri == where.path == f"{tmp_path}/models"
 
 
-def test_children_keep_the_filesystem_and_the_uri_query():
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+def test_children_keep_the_filesystem_and_the_uri_query(monkeypatch):
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     root = locate("s3://bucket/pre/fix/?region=eu-west-1&endpoint_override=127.0.0.1:9&scheme=http")
     assert root.path == "bucket/pre/fix" and root.atomic_put and not root.local
     child = root.child("als", "v1")
