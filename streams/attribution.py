@@ -7,10 +7,12 @@ one state, one changelog partition and one transactional producer; the state
 keeps the next offset of each topic. Bad or late exposures go to
 `exposures.dlq` with the reason and `topic[partition]@offset`; a bad `clicks`
 record is the sessionizer's to dead-letter (it reads the same records), so
-here it is only skipped and counted.
+here it is only skipped and counted. A duplicate exposure (the same visitor
+and request id again) is logged and not rewarded twice.
 """
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import faust
@@ -24,6 +26,8 @@ from streams.codec import BadRecord
 from streams.dlq import dlq_record
 from streams.meter import Meter
 from streams.txstate import TransactionalState, dump_keyed, restore_keyed
+
+log = logging.getLogger("clickloop.attribution")
 
 # Rewards should reach the bandits quickly (README, "Performance": a reward burst
 # is visible to the recommender within 2 s), so commit at least this often.
@@ -85,6 +89,10 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                         out, late = part.process_exposure(decode_exposure(record.value))
                         if late is not None:
                             raise BadRecord(late)
+                        if out.duplicates:
+                            log.info("duplicate exposure %s[%d]@%d, key %r: already attributed, "
+                                     "not rewarded again", msg.topic, msg.partition, msg.offset,
+                                     record.key)
                     else:
                         out = part.process_clicks_record(record.value)
                 except BadRecord as exc:

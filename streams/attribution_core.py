@@ -14,6 +14,14 @@ exactly once:
   watermark (the largest click event time seen) reaches `ts + window_ms +
   lateness_ms`, also when the visitor never sends another event.
 
+An exposure is identified by its visitor and request id: a second exposure with
+both (a client that retried with the same `X-Request-Id`, two replicas serving
+one request) is a duplicate, counted and not rewarded again, as long as the
+exposure watermark has not passed the first one's `ts + window_ms +
+lateness_ms` (past that, the same id is a new exposure). The decision depends
+on the exposures partition's order alone, so it is the same in every
+interleaving with the clicks.
+
 Exposures without an experiment keep no state. The two topics are read side by
 side and their interleaving differs from run to run (a restart after a crash
 reads them in another order), so the rules make the result independent of it:
@@ -60,6 +68,7 @@ class Outputs:
     events: int = 0
     late_clicks: int = 0
     bad_events: int = 0
+    duplicates: int = 0     # exposures whose visitor and request id were already attributed
 
 
 def check_exposure(value) -> dict:
@@ -103,6 +112,9 @@ class PartitionAttribution:
         self.clicks: dict[str, list[list]] = {}
         self._deadlines: list[tuple[int, str, str]] = []    # (ts + window, visitor, request_id)
         self._expiry: list[tuple[int, str]] = []            # (click ts, visitor)
+        # visitor -> {request_id: ts} of the experiment exposures taken, for duplicates
+        self.taken: dict[str, dict[str, int]] = {}
+        self._forget: list[tuple[int, str, str]] = []       # (ts + window + lateness, visitor, id)
         self._dirty: set[str] = set()
 
     # -- the two inputs ---------------------------------------------------------------
@@ -114,15 +126,25 @@ class PartitionAttribution:
         previous = self.exposure_wm
         if ts > previous:
             self.exposure_wm = ts
+            self._forget_ids()
         if exposure.get("experiment") is None:
             self._prune()
             return out, None
         if ts < previous - self.config.lateness_ms:
             return out, (f"late exposure: ts {ts} is more than {self.config.lateness_ms} ms "
                          f"behind the partition's exposure watermark {previous}")
-        visitor = exposure["visitor"]
+        visitor, request_id = exposure["visitor"], exposure["request_id"]
+        taken = self.taken.setdefault(visitor, {})
+        if request_id in taken:
+            out.duplicates += 1
+            self._prune()
+            return out, None
+        taken[request_id] = ts
+        heapq.heappush(self._forget, (ts + self.config.window_ms + self.config.lateness_ms,
+                                      visitor, request_id))
+        self._dirty.add(visitor)
         shown = {item["item_id"]: item["position"] for item in exposure["items"]}
-        entry = [exposure["request_id"], exposure["experiment"], exposure["arm"], ts, shown]
+        entry = [request_id, exposure["experiment"], exposure["arm"], ts, shown]
         end = ts + self.config.window_ms
         for click_ts, item in self.clicks.get(visitor, ()):
             if item in shown and ts <= click_ts < end:
@@ -197,6 +219,17 @@ class PartitionAttribution:
                     self._set_open(visitor, pending[:i] + pending[i + 1:])
                     break
 
+    def _forget_ids(self) -> None:
+        """Drop the request ids whose window and lateness the exposure watermark passed."""
+        forget, wm = self._forget, self.exposure_wm
+        while forget and forget[0][0] <= wm:
+            _, visitor, request_id = heapq.heappop(forget)
+            taken = self.taken.get(visitor)
+            if taken is not None and taken.pop(request_id, None) is not None:
+                if not taken:
+                    del self.taken[visitor]
+                self._dirty.add(visitor)
+
     def _prune(self) -> None:
         """Drop buffered clicks no exposure still to come can match."""
         horizon = max(self.exposure_wm - self.config.lateness_ms,
@@ -234,9 +267,11 @@ class PartitionAttribution:
         """(visitor, state JSON or None) of every visitor changed since the last call."""
         entries = []
         for visitor in self._dirty:
-            opened, clicks = self.open.get(visitor), self.clicks.get(visitor)
-            entries.append((visitor.encode(), orjson.dumps({"open": opened or [], "clicks": clicks or []})
-                            if opened or clicks else None))
+            opened, clicks, taken = self.open.get(visitor), self.clicks.get(visitor), \
+                self.taken.get(visitor)
+            entries.append((visitor.encode(), orjson.dumps(
+                {"open": opened or [], "clicks": clicks or [], "taken": taken or {}})
+                if opened or clicks or taken else None))
         self._dirty.clear()
         return entries
 
@@ -251,6 +286,14 @@ class PartitionAttribution:
             self.clicks[visitor] = data["clicks"]
             for ts, _ in data["clicks"]:
                 heapq.heappush(self._expiry, (ts, visitor))
+        taken = data.get("taken")   # absent in entries written before duplicates were told
+        if taken is None:
+            taken = {entry[0]: entry[3] for entry in data["open"]}
+        if taken:
+            self.taken[visitor] = taken
+            wait = self.config.window_ms + self.config.lateness_ms
+            for request_id, ts in taken.items():
+                heapq.heappush(self._forget, (ts + wait, visitor, request_id))
 
     def meta(self) -> dict:
         return {"exposure_wm": self.exposure_wm, "click_wm": self.click_wm,

@@ -50,6 +50,9 @@ def traffic(exposures: int, partitions: int, seed: int, window_ms: int, per_reco
             "anonymous_id": None, "k": 5, "model": None, "model_version": None, "path": "model",
             "items": [{"item_id": i, "position": p, "score": 1.0 - p / 10} for p, i in enumerate(items)],
             "reason": None, "source": "online", "experiment": experiment, "arm": arm}))
+        if rng.random() < 0.03:  # served again under the same request id (a client's retry)
+            again = ts + rng.randrange(1, 5000)
+            xs.append((again, visitor, {**xs[-1][2], "ts": again}))
         ctr = ARMS[experiment][arm] if experiment else 0.2
         if rng.random() < ctr * 1.3:  # about a quarter of these land after the window
             events.append(click_event(visitor, ts + rng.randrange(int(window_ms * 1.3)),
@@ -147,6 +150,10 @@ async def test_rewards_and_posteriors_equal_the_offline_recomputation(settings, 
     data = traffic(4000, settings.partitions, seed=7, window_ms=settings.attribution_window_s * 1000)
     expected = offline_rewards(data, settings)
     assert 0.1 < sum(r["reward"] for r in expected) / len(expected) < 0.5
+    served = [orjson.loads(v) for _, _, v in data.exposures]
+    once = {(x["visitor"], x["request_id"]) for x in served if x["experiment"]}
+    assert sum(x["experiment"] is not None for x in served) > len(once) == len(expected), \
+        "retried exposures are in the traffic, and each exposure is rewarded once"
     bad_exposure = (0, b"v1", b'{"not": "an exposure"}')
     await produce(settings, settings.topic(topics.EXPOSURES), data.exposures[:10] + [bad_exposure]
                   + data.exposures[10:])

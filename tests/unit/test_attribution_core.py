@@ -162,8 +162,53 @@ def test_bad_exposures_are_refused_with_the_reason(value, reason):
         decode_exposure(value)
 
 
+def test_a_duplicate_exposure_is_not_rewarded_again():
+    """The same visitor and request id again (a client retry, two replicas): counted,
+    never a second reward, whether the first is still open or already rewarded."""
+    part = PartitionAttribution(CFG)
+    first, _ = part.process_exposure(exposure("r1", 0))
+    again, reason = part.process_exposure(exposure("r1", 2, items=("i3",), arm="B"))
+    assert reason is None and again.duplicates == 1 and first.duplicates == 0
+    clicked = part.process_clicks([click(3, "i1"), click(4, "i3")])
+    assert outcome(clicked.rewards) == {"r1": (1, "i1", 0, 3)} and len(clicked.rewards) == 1
+    after, _ = part.process_exposure(exposure("r1", 5))
+    assert after.duplicates == 1
+    assert part.process_clicks([click(6, "i1"), tick(60)]).rewards == []
+
+
+def test_the_same_request_id_for_another_visitor_is_not_a_duplicate():
+    rewards, _ = run([("x", exposure("r1", 0)), ("x", exposure("r1", 0, visitor="u2")),
+                      ("c", [click(1, "i1"), tick(40)])])
+    assert sorted((r["visitor"], r["reward"]) for r in rewards) == [("u1", 1), ("u2", 0)]
+
+
+def test_a_request_id_is_new_again_once_the_exposure_watermark_passed_its_window():
+    """Duplicates are told while the exposure watermark is within the first one's
+    window plus lateness (31 min here); then the id is forgotten and the state is empty."""
+    part = PartitionAttribution(CFG)
+    part.process_exposure(exposure("r1", 0))
+    part.process_exposure(exposure("other", 30.9, visitor="u2"))
+    assert part.process_exposure(exposure("r1", 30.9))[0].duplicates == 1
+    out, _ = part.process_exposure(exposure("r1", 31))   # its own time moves the watermark
+    assert out.duplicates == 0
+    part.process_clicks([tick(200)])
+    part.process_exposure(exposure("late-enough", 200, experiment=None))
+    assert part.taken == {} and part.open == {}
+
+
+def test_a_changelog_entry_without_request_ids_still_tells_duplicates_of_open_exposures():
+    """Entries written before duplicates were told hold no `taken`: the open exposures'
+    ids stand in for it."""
+    part = PartitionAttribution(CFG)
+    old = orjson.dumps({"open": [["r1", "exp", "A", 0, {"i1": 0}]], "clicks": []})
+    part.load("u1", old)
+    assert part.process_exposure(exposure("r1", 1))[0].duplicates == 1
+    assert outcome(part.process_clicks([click(2, "i1")]).rewards) == {"r1": (1, "i1", 0, 2)}
+
+
 def random_streams(rng: random.Random, n: int = 400):
-    """Exposures and clicks of a few visitors, each topic in time order."""
+    """Exposures and clicks of a few visitors, each topic in time order; about one
+    exposure in twenty is served again under the same request id a little later."""
     exposures, clicks = [], []
     for k in range(n):
         minute = k * 0.5
@@ -171,6 +216,9 @@ def random_streams(rng: random.Random, n: int = 400):
         items = tuple(f"i{j}" for j in rng.sample(range(12), 3))
         exposures.append(exposure(f"r{k}", minute, items, visitor=visitor,
                                   experiment=rng.choice(["e1", "e2", None]), arm=rng.choice("AB")))
+        if k > 3 and rng.random() < 0.05:
+            again = rng.choice(exposures[-4:-1])
+            exposures.append({**again, "ts": int(minute * MIN)})
     for k in range(3 * n):
         minute = k * 0.2 + rng.uniform(-0.5, 0.5)  # out of order within the lateness
         clicks.append(click(round(minute, 3), f"i{rng.randrange(12)}", visitor=f"u{rng.randrange(20)}",
@@ -198,7 +246,9 @@ def test_rewards_do_not_depend_on_how_the_two_topics_interleave():
     rng = random.Random(3)
     exposures, records = random_streams(rng)
     reference, _ = run([("x", e) for e in exposures] + [("c", r) for r in records])
-    in_experiment = [e for e in exposures if e["experiment"]]
+    in_experiment = {(e["visitor"], e["request_id"]) for e in exposures if e["experiment"]}
+    assert sum(e["experiment"] is not None for e in exposures) > len(in_experiment), \
+        "the streams hold duplicates"
     assert len(reference) == len(in_experiment), "every exposure in an experiment is rewarded once"
     assert 0.1 < sum(r["reward"] for r in reference) / len(reference) < 0.9
     for seed in range(20):
