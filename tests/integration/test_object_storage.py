@@ -101,3 +101,29 @@ async def test_archive_train_and_serve_through_a_bucket(settings, workers, s3, t
     finally:
         await redis.aclose()
     assert not elsewhere.exists() or not any(elsewhere.iterdir()), "nothing was copied locally"
+
+
+def test_a_large_artifact_loads_from_the_bucket_without_a_second_copy(s3):
+    """A remote artifact is read in ranges into its arrays: the load's peak Python
+    memory is the arrays, one range (`REMOTE_READ_BYTES`) and the manifest's ids, not
+    a second copy of the file (reading it whole first, and hashing a copy of each
+    array, made it 3.2 times the arrays)."""
+    import tracemalloc
+
+    import numpy as np
+
+    factors = np.random.default_rng(1).standard_normal((100_000, 128)).astype(np.float32)
+    manifest = artifact.Manifest(name="big", version="v1", created_ms=0, data_range=None,
+                                 params={}, metrics={}, item_ids=[f"i{n}" for n in range(100_000)])
+    written = artifact.write(s3.uri("models-big"), manifest,
+                             {"item_factors": factors, "user_factors": factors[:10],
+                              "user_ids": np.array([f"u{n}" for n in range(10)])})
+    size = factors.nbytes
+    tracemalloc.start()
+    try:
+        loaded = artifact.read(written.path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(loaded.arrays["item_factors"], factors)
+    assert peak < 1.5 * size, f"peak {peak / 1e6:.1f} MB for {size / 1e6:.1f} MB of arrays"
