@@ -2,7 +2,8 @@
 
   clickloop up                      Kafka, Redis, every worker and both services, in the foreground
   clickloop demo [--events N]       post synthetic traffic to the collector
-  clickloop worker PROCESSOR        one stream processor (sessionize, features, archive)
+  clickloop worker PROCESSOR        one stream processor (streams.PROCESSORS: sessionize, features,
+                                    archive, cdc_history, attribution, bandits)
   clickloop serve SERVICE           one HTTP service (collector, recommender, experiments)
   clickloop infra start|stop|status the local Kafka broker and Redis server
   clickloop cdc up|down|status      PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium connector
@@ -25,6 +26,7 @@ import sys
 import time
 
 from services.settings import Settings, SettingsError
+from streams import CDC_PROCESSORS, PROCESSORS
 
 
 def _write_key_file(settings: Settings):
@@ -97,18 +99,12 @@ def _up(settings: Settings) -> int:
     me = [sys.executable, "-m", "services.cli"]
     children = {
         name: subprocess.Popen([*me, *cmd], env={**os.environ, **settings.as_env()})
-        for name, cmd in [("sessionize", ["worker", "sessionize"]),
-                          ("features", ["worker", "features"]),
-                          ("archive", ["worker", "archive"]),
-                          ("attribution", ["worker", "attribution"]),
-                          ("bandits", ["worker", "bandits"]),
+        for name, cmd in [*((p, ["worker", p]) for p in PROCESSORS
+                            if settings.cdc_enabled or p not in CDC_PROCESSORS),
                           ("collector", ["serve", "collector"]),
                           ("recommender", ["serve", "recommender"]),
                           ("experiments", ["serve", "experiments"])]
     }
-    if settings.cdc_enabled and "cdc_history" not in children:
-        children["cdc_history"] = subprocess.Popen([*me, "worker", "cdc_history"],
-                                                   env={**os.environ, **settings.as_env()})
     print(f"""
 clickloop is up
   collector    http://{settings.collector_host}:{settings.collector_port}/v1/batch
@@ -326,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="simulated event time starts this long ago (default 6)")
     demo.add_argument("--batch-size", type=int, default=50, help="events per request (default 50)")
     worker = sub.add_parser("worker", help="run one stream processor")
-    worker.add_argument("processor", choices=["sessionize", "features", "archive", "cdc_history",
-                                                    "attribution", "bandits"])
+    worker.add_argument("processor", choices=PROCESSORS)
     serve = sub.add_parser("serve", help="run one HTTP service")
     serve.add_argument("service", choices=["collector", "recommender", "experiments"])
     rep = sub.add_parser("replay", help="re-feed a topic range for a backfill (dry run by default)")

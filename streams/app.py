@@ -17,6 +17,7 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from services.settings import Settings
+from streams import PROCESSORS
 from streams.meter import Meter
 from streams.topics import ensure_topics, group_id
 
@@ -81,9 +82,9 @@ def make_app(settings: Settings, processor: str) -> faust.App:
     return app
 
 
-# Each processor is the module streams.<name> (its `build`), imported only by the worker
-# that runs it: the sessionizer has no use for pyarrow, numpy or the model code of others.
-PROCESSORS = ("sessionize", "features", "archive", "cdc_history", "attribution", "bandits")
+# Each processor (`streams.PROCESSORS`) is the module streams.<name> (its `build`), imported
+# only by the worker that runs it: the sessionizer has no use for pyarrow, numpy or the model
+# code of others.
 
 
 def builder(processor: str) -> Builder:
