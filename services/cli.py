@@ -1,12 +1,14 @@
 """The `clickloop` command.
 
-  clickloop up                      Kafka, Redis, every worker and both services, in the foreground
+  clickloop up                      Kafka, Redis, every worker and the three services, in the foreground
   clickloop demo [--events N]       post synthetic traffic to the collector
   clickloop worker PROCESSOR        one stream processor (streams.PROCESSORS: sessionize, features,
                                     archive, cdc_history, attribution, bandits)
   clickloop serve SERVICE           one HTTP service (collector, recommender, experiments)
   clickloop infra start|stop|status the local Kafka broker and Redis server
   clickloop cdc up|down|status      PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium connector
+  clickloop replay --topic T --target topic:<name>|processor:<name> [--execute]
+                                    re-feed a topic range for a backfill (dry run by default)
   clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
   clickloop cdc snapshot --table T --server S --schema SCH (--postgres DSN|--csv F|--jsonl F) --key COL[,COL]
                                     a table as Debezium snapshot reads onto cdc.<server>.<schema>.<table>
