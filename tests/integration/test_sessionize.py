@@ -2,7 +2,9 @@
 visitors idle past retention forgotten (tombstones in the changelog)."""
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 
 import orjson
 import pytest
@@ -12,6 +14,7 @@ from streams import topics
 from tests.integration.helpers import read_records, read_topic
 
 pytestmark = pytest.mark.integration
+BIG = b"{" + b"x" * 900_000   # not JSON either
 
 
 async def test_bad_record_goes_to_the_dlq_with_reason_and_position_and_the_worker_carries_on(
@@ -23,6 +26,8 @@ async def test_bad_record_goes_to_the_dlq_with_reason_and_position_and_the_worke
     try:
         clicks = settings.topic(topics.CLICKS)
         await producer.send_and_wait(clicks, key=b"x", value=b"\xffnot json")
+        # Near the broker's 1 MB limit: its dead-letter copy, base64, would be over it.
+        await producer.send_and_wait(clicks, key=b"big", value=BIG)
         good = [{"message_id": f"m{i}", "type": "page", "event": None, "user_id": "dana",
                  "anonymous_id": None, "timestamp": i * 45 * 60_000, "received_at": 0,
                  "context": {}, "properties": {}} for i in range(2)]
@@ -31,10 +36,14 @@ async def test_bad_record_goes_to_the_dlq_with_reason_and_position_and_the_worke
                                          value=orjson.dumps({"v": 1, "events": [event]}))
     finally:
         await producer.stop()
-    (dead,) = await read_topic(settings.kafka_bootstrap, settings.topic(topics.CLICKS_DLQ),
-                               lambda got: len(got) >= 1)
+    dead, big = await read_topic(settings.kafka_bootstrap, settings.topic(topics.CLICKS_DLQ),
+                                 lambda got: len(got) >= 2)
     assert dead["position"] == f"{clicks}[0]@0"
     assert "not JSON" in dead["error"] and dead["processor"] == "sessionize"
+    assert base64.b64decode(dead["value_b64"]) == b"\xffnot json" and not dead["truncated"]
+    assert big["position"] == f"{clicks}[0]@1" and big["truncated"]
+    assert big["value_bytes"] == len(BIG) and big["value_sha256"] == hashlib.sha256(BIG).hexdigest()
+    assert BIG.startswith(base64.b64decode(big["value_b64"]))
     # The next records were processed: the first session closed when the second began.
     (session,) = await read_topic(settings.kafka_bootstrap, settings.topic(topics.SESSIONS),
                                   lambda got: len(got) >= 1)
