@@ -51,6 +51,7 @@ class Settings:
     cookie_name: str = _env("CLICKLOOP_COOKIE_NAME", default="cl_anonymous_id")
     max_event_bytes: int = _env("CLICKLOOP_MAX_EVENT_BYTES", 256, default=32 * 1024)
     max_batch_bytes: int = _env("CLICKLOOP_MAX_BATCH_BYTES", 1024, default=500 * 1024)
+    max_clock_ahead_s: int = _env("CLICKLOOP_MAX_CLOCK_AHEAD_S", 0, default=300)
     # Collector micro-batching: events of many requests share one Kafka record
     # per partition, flushed after this many ms or events.
     linger_ms: int = _env("CLICKLOOP_LINGER_MS", 0, default=5)

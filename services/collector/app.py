@@ -18,7 +18,8 @@ import orjson
 from aiohttp import web
 
 from services.collector.auth import Unauthorized, basic_user, check_write_key
-from services.collector.ingest import IngestError, Parsed, Request, dlq_value, parse_request
+from services.collector.ingest import (BatchTooLarge, BodyTooLarge, IngestError, Parsed, Request,
+                                      UnsupportedEncoding, dlq_value, inflate, parse_request)
 from services.collector.ip import client_ip
 from services.collector.metrics import Metrics
 from services.collector.sink import ClickSink, Unavailable
@@ -72,19 +73,31 @@ def _tracking(kind: str | None):
                 metrics.requests_rejected["unauthorized"].inc()
                 return _error(401, "unauthorized", str(exc))
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+            body = inflate(await request.read(), request.headers.get("Content-Encoding"),
+                           settings.max_batch_bytes)
+        except (web.HTTPRequestEntityTooLarge, BodyTooLarge):
             metrics.requests_rejected["too_large"].inc()
             return _error(413, "payload_too_large",
                           f"body larger than the {settings.max_batch_bytes}-byte limit")
+        except UnsupportedEncoding as exc:
+            metrics.requests_rejected["malformed"].inc()
+            return _error(415, "unsupported_encoding", str(exc))
+        except IngestError as exc:   # a corrupt gzip stream
+            metrics.requests_rejected["malformed"].inc()
+            return _error(400, "invalid_request", str(exc))
         cookie_id, new_cookie = _cookie_id(request, settings.cookie_name)
         req = Request(received_at=int(time.time() * 1000),
                       ip=client_ip(request.headers.get("X-Forwarded-For"), request.remote,
                                    settings.trusted_proxies),
                       anonymize_ip=settings.anonymize_ip, cookie_id=cookie_id,
-                      max_event_bytes=settings.max_event_bytes)
+                      max_event_bytes=settings.max_event_bytes,
+                      max_batch_bytes=settings.max_batch_bytes,
+                      max_ahead_ms=settings.max_clock_ahead_s * 1000)
         try:
             parsed = parse_request(body, kind, req)
+        except BatchTooLarge as exc:
+            metrics.requests_rejected["too_large"].inc()
+            return _error(413, "payload_too_large", str(exc))
         except IngestError as exc:
             if settings.require_write_key and not header_key:
                 metrics.requests_rejected["unauthorized"].inc()
@@ -195,8 +208,10 @@ def check(settings: Settings) -> None:
 
 def make_app(settings: Settings) -> web.Application:
     check(settings)
-    # The body limit applies after gzip decompression (aiohttp inflates as it reads).
-    app = web.Application(client_max_size=settings.max_batch_bytes, middlewares=[cors])
+    # The body limit applies to the body as sent and again after inflation (`inflate`:
+    # the handler inflates, not aiohttp).
+    app = web.Application(client_max_size=settings.max_batch_bytes, middlewares=[cors],
+                          handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SINK] = ClickSink(settings, app[METRICS])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,6 +44,10 @@ class EventTooLarge(IngestError):
     """One event is over the size limit (413 when it is the only one)."""
 
 
+class BatchTooLarge(IngestError):
+    """The batch's events as stored (each with the batch's context) are over the body limit (413)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """What the handler knows about the HTTP request, besides its body."""
@@ -51,6 +56,8 @@ class Request:
     anonymize_ip: bool = True
     cookie_id: str | None = None        # anonymous id for events with no identity; None: refuse them
     max_event_bytes: int = 32 * 1024
+    max_batch_bytes: int = 500 * 1024
+    max_ahead_ms: int = 300_000         # an event time further ahead of received_at is not believed
     new_id: Callable[[], str] = field(default=lambda: str(uuid.uuid4()))
 
 
@@ -68,6 +75,44 @@ class Parsed:
     rejected: list[Rejected]
     write_key: object = None            # `writeKey` from the body, if any
     used_cookie: bool = False           # some event took its anonymous id from the cookie
+
+
+class BodyTooLarge(IngestError):
+    """The body, once inflated, is over the batch limit (413)."""
+
+
+class UnsupportedEncoding(IngestError):
+    """A Content-Encoding the collector does not inflate (415)."""
+
+
+_INFLATE = {"gzip": 47, "x-gzip": 47, "deflate": 47}   # 32 + 15: a gzip or zlib header
+
+
+def inflate(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The request body as sent before its Content-Encoding, at most `limit` bytes.
+
+    Inflated here, not by aiohttp: a corrupt stream is the client's 400 with the
+    reason (aiohttp's own inflater turned it into a 500 and a dropped connection),
+    and inflation stops at the limit, so a small gzip bomb costs nothing."""
+    encoding = (encoding or "identity").strip().lower()
+    if encoding in ("identity", ""):
+        if len(body) > limit:
+            raise BodyTooLarge(f"body larger than the {limit}-byte limit")
+        return body
+    wbits = _INFLATE.get(encoding)
+    if wbits is None:
+        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not supported "
+                                  f"(gzip, deflate or none)")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise IngestError(f"body cannot be read as {encoding}: {exc}") from None
+    if len(out) > limit:
+        raise BodyTooLarge(f"body larger than the {limit}-byte limit once inflated")
+    if not inflater.eof:
+        raise IngestError(f"body cannot be read as {encoding}: the stream is cut short")
+    return out
 
 
 def _time(raw: dict, name: str) -> int | None:
@@ -91,17 +136,23 @@ def _id(raw: dict, name: str) -> str | None:
     raise IngestError(f"{name} must be a string or a number")
 
 
-def event_time(received_at: int, original: int | None, sent_at: int | None) -> int:
+def event_time(received_at: int, original: int | None, sent_at: int | None,
+               max_ahead_ms: int = 300_000) -> int:
     """Segment's clock-skew correction: receivedAt − (sentAt − originalTimestamp).
 
     The client's clock may be wrong, but the time between the event and the
     send is measured on that one clock, so it is carried over to ours. Without
-    sentAt the client's time is taken as sent; without any, the receive time."""
+    sentAt the client's time is taken as sent; without any, the receive time.
+
+    A time more than `max_ahead_ms` after receivedAt cannot be true (an event is
+    not received before it happens): it becomes receivedAt (the client's times
+    stay in `original_timestamp` and `sent_at`). Believed, one such event would
+    move every processor's event-time watermark into the future: all open
+    sessions closed, every later event late, windows emptied."""
     if original is None:
         return received_at
-    if sent_at is None:
-        return original
-    return received_at - (sent_at - original)
+    at = original if sent_at is None else received_at - (sent_at - original)
+    return received_at if at > received_at + max_ahead_ms else at
 
 
 def to_click(raw: dict, received_at: int, request: Request | None = None,
@@ -155,7 +206,7 @@ def to_click(raw: dict, received_at: int, request: Request | None = None,
         if group_id is None:
             raise IngestError("a group event needs a groupId")
         event["group_id"] = group_id
-    event["timestamp"] = event_time(req.received_at, original, sent_at)
+    event["timestamp"] = event_time(req.received_at, original, sent_at, req.max_ahead_ms)
     event["original_timestamp"] = original
     event["sent_at"] = sent_at
     event["received_at"] = req.received_at
@@ -222,15 +273,21 @@ def parse_request(body: bytes, kind: str | None, req: Request) -> Parsed:
     batch_context = doc.get("context")
     if not isinstance(batch_context, dict):
         batch_context = None
+    # Every event is stored with the batch's context: it counts in each event's size
+    # and in the batch's (a small body with a big context must not become gigabytes).
+    shared = len(orjson.dumps(batch_context)) if batch_context else 0
+    if shared and len(body) + shared * len(raws) > req.max_batch_bytes:
+        raise BatchTooLarge(f"the batch context ({shared} bytes) repeated in {len(raws)} events "
+                            f"makes the batch larger than the {req.max_batch_bytes}-byte limit")
     # Only a body over the limit can hold an event over it: measure events then only.
-    measure = len(body) > req.max_event_bytes
+    measure = len(body) + shared > req.max_event_bytes
     parsed = Parsed([], [], doc.get("writeKey"))
     for i, raw in enumerate(raws):
         try:
             if not isinstance(raw, dict):
                 raise IngestError("event must be a JSON object")
             if measure:
-                size = len(orjson.dumps(raw))
+                size = len(orjson.dumps(raw)) + shared
                 if size > req.max_event_bytes:
                     raise EventTooLarge(_too_large(size, req.max_event_bytes))
             event = to_click(raw, req.received_at, req, sent_at, batch_context)

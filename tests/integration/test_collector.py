@@ -85,6 +85,15 @@ ERRORS = [
     ("gzip body over 500 KB once inflated", "/v1/batch", {**AUTH, "Content-Encoding": "gzip"},
      gzip.compress(batch(*[track("u", f"m{i}", properties={"x": "y" * 30_000}) for i in range(20)])),
      413, "larger than"),
+    ("corrupt gzip body", "/v1/batch", {**AUTH, "Content-Encoding": "gzip"},
+     b"\x1f\x8b\x08\x00not gzip at all", 400, "body cannot be read as gzip"),
+    ("gzip body cut short", "/v1/batch", {**AUTH, "Content-Encoding": "gzip"},
+     gzip.compress(batch(track("u", "m")))[:-12], 400, "cut short"),
+    ("an encoding the collector does not inflate", "/v1/batch", {**AUTH, "Content-Encoding": "br"},
+     batch(track("u", "m")), 415, "'br' is not supported"),
+    ("a batch context repeated in every event over 500 KB", "/v1/batch", AUTH,
+     batch(*[track("u", f"m{i}") for i in range(30)], context={"library": {"name": "x" * 20_000}}),
+     413, "batch context (20"),
 ]
 
 
@@ -100,7 +109,7 @@ async def test_every_error_path_answers_with_the_reason(csettings):
         assert resp.status == 405
         text = await (await client.get("/metrics")).text()
     assert 'clickloop_collector_requests_rejected_total{reason="unauthorized"} 5.0' in text
-    assert 'clickloop_collector_requests_rejected_total{reason="too_large"} 4.0' in text
+    assert 'clickloop_collector_requests_rejected_total{reason="too_large"} 5.0' in text
     assert 'clickloop_collector_events_accepted_total 0.0' in text
 
 

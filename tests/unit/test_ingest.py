@@ -11,8 +11,8 @@ import pytest
 from schemas import json_schema
 from schemas.clicks import ClickEvent
 from schemas.sessions import Session
-from services.collector.ingest import (IngestError, Request, by_visitor, dlq_value, event_time,
-                                       parse_request, to_click)
+from services.collector.ingest import (BatchTooLarge, IngestError, Request, by_visitor, dlq_value,
+                                       event_time, parse_request, to_click)
 from schemas.times import iso_to_ms as parse_time
 
 NOW = 1_700_000_000_000
@@ -168,6 +168,35 @@ def test_event_time_rule():
     assert event_time(1000, original=None, sent_at=150) == 1000
 
 
+@pytest.mark.parametrize("reason,original,sent_at,expected", [
+    ("a client clock in 2100, no sentAt: the receive time", "2100-01-01T00:00:00Z", None, NOW),
+    ("sentAt before the event on the client's clock: would land in the future", "2023-11-14T23:13:20Z",
+     "2023-11-14T22:13:20Z", NOW),
+    ("exactly the allowed 5 minutes ahead is believed", "2023-11-14T22:18:20Z", None, NOW + 300_000),
+    ("one ms more is not", "2023-11-14T22:18:20.001Z", None, NOW),
+    ("the past is believed (late events are the processors' to judge)", "2023-11-01T00:00:00Z", None,
+     parse_time("2023-11-01T00:00:00Z")),
+])
+def test_an_event_time_ahead_of_the_receive_time_is_not_believed(reason, original, sent_at, expected):
+    """One future event would move every processor's watermark into the future."""
+    raw = {**GOOD, "timestamp": original, **({"sentAt": sent_at} if sent_at else {})}
+    (event,) = parse_request(body(raw), None, REQ).events
+    assert event["timestamp"] == expected, reason
+    assert event["original_timestamp"] == parse_time(original)
+
+
+def test_a_batch_context_counts_in_every_event_it_is_stored_with():
+    """A small body with a big batch context must not become a huge amount of stored data."""
+    ctx = {"library": {"name": "x" * 20_000}}
+    small = {"type": "track", "event": "E", "userId": "u", "timestamp": "2023-11-14T22:00:00Z"}
+    parsed = parse_request(body(small, {**small, "properties": {"p": "y" * 15_000}}, context=ctx),
+                           None, REQ)
+    assert len(parsed.events) == 1 and parsed.rejected[0].position == "batch[1]"
+    assert parsed.rejected[0].too_large
+    with pytest.raises(BatchTooLarge, match="repeated in 30 events"):
+        parse_request(body(*[small] * 30, context=ctx), None, REQ)
+
+
 @pytest.mark.parametrize("reason,context,req,ip", [
     ("client's ip anonymized", {"ip": "203.0.113.9"}, REQ, "203.0.113.0"),
     ("request's address when none sent", {}, REQ, "198.51.100.0"),
@@ -259,3 +288,24 @@ def test_typed_records_and_json_schemas_name_the_same_fields(record, schema, inn
     for step in inner:
         doc = doc[step]
     assert set(typing.get_type_hints(record)) == set(doc["properties"])
+
+
+def test_inflate_stops_at_the_limit_and_names_what_is_wrong():
+    import gzip
+    import zlib
+
+    from services.collector.ingest import BodyTooLarge, UnsupportedEncoding, inflate
+
+    data = b'{"batch": []}'
+    assert inflate(gzip.compress(data), "gzip", 100) == data
+    assert inflate(zlib.compress(data), "Deflate", 100) == data
+    assert inflate(data, None, 100) == data
+    bomb = gzip.compress(b"0" * 50_000_000)   # 49 KB that inflate to 50 MB
+    with pytest.raises(BodyTooLarge):
+        inflate(bomb, "gzip", 512_000)
+    with pytest.raises(BodyTooLarge):
+        inflate(b"x" * 101, "identity", 100)
+    with pytest.raises(UnsupportedEncoding, match="'zstd'"):
+        inflate(data, "zstd", 100)
+    with pytest.raises(IngestError, match="cannot be read as gzip"):
+        inflate(b"\x1f\x8b\x08\x00garbage", "gzip", 100)
