@@ -50,7 +50,7 @@ import orjson
 from schemas.rewards import SCHEMA_VERSION, Reward
 from services.model.transform import CLICK_EVENTS
 from streams.codec import BadRecord, decode_clicks, event_problem
-from streams.sessions import item_of
+from streams.sessions import event_name, item_of
 
 NEVER = -(2 ** 62)
 
@@ -175,9 +175,7 @@ class PartitionAttribution:
             wm = self.click_wm
             if ts > wm:
                 self.click_wm = ts
-            name = event.get("event")
-            if name.__class__ is not str or name not in CLICK_EVENTS \
-                    or not isinstance(event.get("properties"), dict):
+            if event_name(event) not in CLICK_EVENTS:
                 continue
             if ts < wm - lateness:
                 out.late_clicks += 1

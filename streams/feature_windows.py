@@ -35,7 +35,7 @@ from schemas.sessions import Session
 from services.model.transform import ACTION_WEIGHTS, interaction_of
 from streams.codec import event_problem
 from streams.feature_store import FeatureValue
-from streams.sessions import SEARCH_EVENTS
+from streams.sessions import SEARCH_EVENTS, event_name
 
 MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 RECENT_MAX = 50
@@ -310,7 +310,7 @@ class FeatureBatch:
             if user is None:
                 user = self.users[visitor] = Windows()
             user.seen(ts)
-            if event.get("event") in SEARCH_EVENTS:
+            if event_name(event) in SEARCH_EVENTS:
                 user.add("searches", ts)
             it = interaction_of(event)
             if it is None:

@@ -217,6 +217,14 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                     part.skip(msg.topic, msg.offset + 1)
                     await dead_letter(txn, record, str(exc))
                     continue
+                except Exception as exc:  # a rule that failed on a value no check foresaw
+                    # Never an agent crash (Faust would move past the record silently,
+                    # its events after the failing one lost): the record goes to the DLQ
+                    # with the error, the worker carries on.
+                    log.exception("features: %s failed", position(msg.topic, msg.partition, msg.offset))
+                    part.skip(msg.topic, msg.offset + 1)
+                    await dead_letter(txn, record, f"processing failed: {exc!r}")
+                    continue
                 users.pending_events += n
                 t = now()
                 meter.update(n, t)

@@ -82,13 +82,24 @@ class SessionConfig:
     retention_ms: int = 30 * 24 * 3_600_000     # 0: never forget a visitor
 
 
+def event_name(event: ClickEvent) -> str | None:
+    """A track event's name (a non-empty string), else None: what the rules compare with
+    SEARCH_EVENTS, ITEM_EVENTS and CLICK_EVENTS. Any other value (a list, an object, a
+    number) names nothing, as in the compiled core, never an error."""
+    name = event.get("event")
+    return name if event.get("type") == "track" and name.__class__ is str and name else None
+
+
 def item_of(event: ClickEvent) -> str | None:
-    """The catalogue item an event is about, if any (Segment e-commerce spec names)."""
-    if event.get("event") not in ITEM_EVENTS:
+    """The catalogue item an event is about, if any (Segment e-commerce spec names): a
+    track event in ITEM_EVENTS with a scalar `item_id` (else `product_id`), as text."""
+    if event_name(event) not in ITEM_EVENTS:
         return None
-    props = event["properties"]
+    props = event.get("properties")
+    if props.__class__ is not dict:
+        return None
     item = props.get("item_id") or props.get("product_id")
-    return str(item) if item is not None else None
+    return None if item is None or isinstance(item, (dict, list)) else str(item)
 
 
 def utm_of(context: dict) -> dict[str, str]:

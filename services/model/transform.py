@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from schemas.clicks import ClickEvent, visitor_key
 from services.model.als import FoldIn
 from streams.codec import event_problem
-from streams.sessions import item_of
+from streams.sessions import event_name, item_of
 
 Action = Literal["view", "click"]
 ACTION_WEIGHTS: dict[str, float] = {"view": 1.0, "click": 2.0}
@@ -57,7 +57,7 @@ def interaction_of(event: ClickEvent) -> Interaction | None:
     item = item_of(event)
     if item is None:
         return None
-    action: Action = "click" if event.get("event") in CLICK_EVENTS else "view"
+    action: Action = "click" if event_name(event) in CLICK_EVENTS else "view"
     return Interaction(visitor_key(event), item, action, event["timestamp"])
 
 

@@ -251,3 +251,25 @@ def test_popularity_is_bounded_and_refuses_mixed_half_lives():
     with pytest.raises(ValueError):
         p.merge(Popularity(half_life_ms=H + 1, anchor=T0, scores={"x": 1.0}))
     assert Popularity().top(3, T0) == []
+
+
+def test_odd_event_names_and_item_ids_name_nothing_and_never_fail():
+    """An `event` that is a list, an object or a number (the collector only checks track
+    events' names) names nothing, as in the compiled sessionizer; so does an item id
+    that is an object; and only track events carry items or searches (the audit found
+    `["x"]` crashing the features agent and losing the rest of its record)."""
+    from streams.sessions import item_of
+
+    odd = [{**ev("mallory", T0), "event": ["x"]}, {**ev("mallory", T0), "event": {"a": 1}},
+           {**ev("mallory", T0), "event": 7}, {**ev("mallory", T0), "type": "page"},
+           {**search("mallory", T0), "type": "page"},
+           {**ev("mallory", T0), "properties": {"item_id": {"a": 1}}},
+           {**ev("mallory", T0), "properties": ["i1"]}]
+    batch = FeatureBatch().add_clicks(odd + [ev("bob", T0), search("bob", T0)])
+    assert batch.items.keys() == {"i1"} and batch.skipped == 0
+    assert user_features(batch.users["mallory"], T0)["activity"]["searches_7d"] == 0
+    assert user_features(batch.users["bob"], T0)["activity"]["searches_7d"] == 1
+    assert [item_of(e) for e in odd] == [None] * len(odd)
+    assert [item_of({**ev("u", T0), "properties": {"item_id": v}}) for v in (7, 2.5, True, "")] == \
+        ["7", "2.5", "True", None]
+    assert item_of({**ev("u", T0), "properties": {"item_id": "", "product_id": "p9"}}) == "p9"
