@@ -26,6 +26,7 @@ their snapshots (`Popularity.merge`).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,8 +270,12 @@ class Popularity:
     def from_snapshot(cls, values: Mapping[str, Any], as_of: int,
                       capacity: int = 1_000) -> "Popularity":
         """A snapshot read back (as of its group timestamp), ready to merge with other partitions'."""
-        return cls(int(values["half_life_ms"]), capacity, as_of,
-                   {str(i): float(s) for i, s in values["items"]})
+        half_life = int(values["half_life_ms"])
+        scores = {str(i): float(s) for i, s in values["items"]}
+        if half_life <= 0 or not all(math.isfinite(s) and s >= 0 for s in scores.values()):
+            raise ValueError("a popularity snapshot needs a positive half-life and finite, "
+                             "non-negative scores")
+        return cls(half_life, capacity, as_of, scores)
 
     def to_state(self) -> dict:
         """Plain JSON-able state (for a Faust table)."""

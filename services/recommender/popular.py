@@ -8,7 +8,9 @@ out, so a stopped worker's old list is not served as today's (unless no
 partition is fresh: then the stale list, flagged, beats an empty answer). `PopularList`
 re-reads the hashes every `popular_refresh_ms` in one pipeline with its own
 timeout, outside the request path and outside the breakers: the fallback must
-not depend on Redis answering now. On failure it keeps the last good list.
+not depend on Redis answering now. On failure, or when no snapshot is usable (one
+from the future, a half-life that is not positive, a negative score: skipped and
+logged), it keeps the last good list.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from streams.feature_windows import Popularity
 
 log = logging.getLogger("clickloop.recommender.popular")
 REMERGE_MS = 60_000
+FUTURE_MS = 3_600_000   # a snapshot time further ahead of this host's clock is not believed
 
 
 def merge_snapshots(hashes: Sequence[Mapping], now_ms: int, n: int) -> tuple[list[tuple[str, float]], int]:
@@ -41,8 +44,12 @@ def merge_snapshots(hashes: Sequence[Mapping], now_ms: int, n: int) -> tuple[lis
         if raw:
             entity = read(POPULAR, FEATURE_SET_VERSION, raw, now_ms)
             group = entity.groups["top"]
-            if group.status != "missing":
-                reads.append(group)
+            if group.status == "missing":
+                continue
+            if group.ts > now_ms + FUTURE_MS:   # no clock is that far off: not believed
+                log.warning("popular snapshot skipped: its time %d is ahead of now (%d)", group.ts, now_ms)
+                continue
+            reads.append(group)
     fresh = sum(1 for g in reads if g.status == "fresh")
     merged: Popularity | None = None
     used = 0
@@ -51,10 +58,13 @@ def merge_snapshots(hashes: Sequence[Mapping], now_ms: int, n: int) -> tuple[lis
             continue
         try:
             part = Popularity.from_snapshot(group.values, group.ts, capacity=max(n, 1))
-            merged = part if merged is None else merged.merge(part)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("popular snapshot skipped: %s", exc)
+            candidate = part if merged is None else Popularity(
+                merged.half_life_ms, merged.capacity, merged.anchor, dict(merged.scores)).merge(part)
+            candidate.top(1, now_ms)   # its scores must scale to now
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            log.warning("popular snapshot skipped: %r", exc)
             continue
+        merged = candidate
         used += 1
     return (merged.top(n, now_ms) if merged is not None else []), (used if fresh else 0)
 
@@ -90,7 +100,8 @@ class PopularList:
         if stamps != self._stamps or now_mono - self._merged_mono_ms >= REMERGE_MS:
             items, fresh = merge_snapshots(hashes, int(time.time() * 1000),
                                            self.settings.popular_items)
-            self.items, self.fresh_partitions = items, fresh
+            # Nothing usable (every snapshot gone or refused): the last list, flagged stale.
+            self.items, self.fresh_partitions = items or self.items, fresh
             self._stamps, self._merged_mono_ms = stamps, now_mono
         self.refreshed_mono_ms = now_mono
 
@@ -106,6 +117,9 @@ class PopularList:
             except (RedisError, OSError, TimeoutError) as exc:
                 self.failures += 1
                 log.debug("popular refresh failed: %r", exc)
+            except Exception:  # noqa: BLE001 (bad data must not end the refreshes for good)
+                self.failures += 1
+                log.exception("popular refresh failed")
             await asyncio.sleep(self.settings.popular_refresh_ms / 1000)
 
     async def start(self) -> None:
@@ -114,6 +128,9 @@ class PopularList:
         except (RedisError, OSError, TimeoutError) as exc:
             self.failures += 1
             log.warning("first popular refresh failed (serving without it until Redis answers): %r", exc)
+        except Exception:  # noqa: BLE001 (the service starts; the refreshes go on)
+            self.failures += 1
+            log.exception("first popular refresh failed")
         self._task = asyncio.create_task(self._run(), name="popular-refresh")
 
     async def stop(self) -> None:

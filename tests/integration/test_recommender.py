@@ -186,6 +186,30 @@ async def test_no_model_yet_serves_fallback(settings):
     await redis.aclose()
 
 
+async def test_bad_popular_snapshots_are_skipped_and_the_refreshes_go_on(settings):
+    """A snapshot 400 days ahead (what one future click made the features worker write
+    before the collector bounded event times) once stopped the service from starting; a
+    half-life of 0 written later killed the background refresh for good."""
+    s = tuned(dataclasses.replace(settings, partitions=2))
+    redis = aioredis.from_url(s.redis_url)
+    await write_popular(redis, s, 0, [("from-the-future", 99.0)], now_ms() + 400 * DAY)
+    await write_popular(redis, s, 1, [(item_id(j), 10.0 - j) for j in range(5)], now_ms())
+    async with TestClient(TestServer(make_app(s, model_wait_s=1))) as client:
+        status, body = await get(client, anonymous_id="nobody", k=2)
+        assert status == 200 and [i["item_id"] for i in body["items"]] == [item_id(0), item_id(1)]
+        await write_popular(redis, s, 1, [("broken", 1.0)], now_ms(), half_life_ms=0)
+        await asyncio.sleep(0.6)   # three refreshes over the broken snapshot: the last list stays
+        _, body = await get(client, anonymous_id="nobody", k=1)
+        assert [i["item_id"] for i in body["items"]] == [item_id(0)]
+        await write_popular(redis, s, 1, [("repaired", 5.0)], now_ms())
+        _, body = await eventually(lambda: get(client, anonymous_id="nobody", k=1),
+                                   lambda r: r[1]["items"][0]["item_id"] == "repaired",
+                                   timeout_s=5, what="the refresh after the repair")
+        health = await (await client.get("/health")).json()
+    assert health["popular"]["items"] == 1 and health["popular"]["fresh_partitions"] == 1
+    await redis.aclose()
+
+
 async def test_redis_paused_then_stopped_fallback_then_breaker_closes(settings, tmp_path):
     private = PrivateRedis(tmp_path / "redis")
     private.start()

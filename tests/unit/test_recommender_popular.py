@@ -52,3 +52,15 @@ def test_different_half_lives_do_not_merge_but_do_not_fail():
     hashes = [snapshot([("x", 1.0)], NOW), snapshot([("y", 5.0)], NOW, half_life=HOUR)]
     items, fresh = merge_snapshots(hashes, NOW, 10)
     assert fresh == 1 and [i for i, _ in items] == ["x"]
+
+
+@pytest.mark.parametrize("bad,why", [
+    (snapshot([("f", 9.0)], NOW + 400 * 24 * HOUR), "400 days ahead: its decay to now overflows"),
+    (snapshot([("f", 9.0)], NOW + 2 * HOUR), "hours ahead of this clock: not believed"),
+    (snapshot([("f", 9.0)], NOW, half_life=0), "a half-life of 0"),
+    (snapshot([("f", 9.0)], NOW, half_life=-HOUR), "a negative half-life"),
+    (snapshot([("f", -1.0)], NOW), "a negative score"),
+])
+def test_a_snapshot_that_cannot_be_true_is_skipped_never_an_error(bad, why):
+    items, fresh = merge_snapshots([bad, snapshot([("x", 1.0)], NOW)], NOW, 10)
+    assert [i for i, _ in items] == ["x"] and fresh == 1, why
