@@ -16,6 +16,7 @@ BLAS is held to one thread while training (DESIGN.md: threads fight on 2 cores).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -27,6 +28,11 @@ from scipy.linalg.lapack import dposv
 from streams._native import FoldSolver
 
 Backend = Literal["auto", "implicit", "numpy"]
+
+
+class FitError(ValueError):
+    """Training failed or gave factors that are not all finite (NaN, inf): nothing of it
+    may be written or served."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,11 @@ class AlsParams:
     threads: int = 1
 
     def __post_init__(self) -> None:
+        # NaN compares False both ways, so `alpha < 1` alone lets NaN through (and inf
+        # regularization or alpha gives NaN factors): finite first.
+        if not (math.isfinite(self.alpha) and math.isfinite(self.regularization)):
+            raise ValueError(f"alpha={self.alpha} and regularization={self.regularization} "
+                             f"must be finite numbers")
         if self.factors < 1 or self.iterations < 1 or self.threads < 1:
             raise ValueError("factors, iterations and threads must be >= 1")
         if self.alpha < 1.0 or self.regularization <= 0.0:
@@ -136,18 +147,31 @@ def _train_implicit(matrix: sp.csr_matrix, params: AlsParams) -> Factors:
 
 
 def train(matrix: sp.csr_matrix, params: AlsParams = AlsParams(), backend: Backend = "auto") -> Factors:
-    """Factorize a users × items weight matrix (`transform.interaction_matrix`)."""
+    """Factorize a users × items weight matrix (`transform.interaction_matrix`).
+
+    FitError when the factors are not all finite (an alpha so large that confidences
+    overflow, say): such a model must never be written or served."""
     matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    fit = _train_numpy
+    failures: tuple[type[Exception], ...] = (np.linalg.LinAlgError,)   # a singular system, say
     if backend == "implicit" or (backend == "auto" and implicit_available()):
         # Imported before the BLAS limit: it applies only to the BLAS libraries already
         # loaded, and implicit brings scipy's own OpenBLAS (else it runs 2 threads and warns).
         import implicit.cpu.als  # noqa: F401
-        with _one_blas_thread():
-            return _train_implicit(matrix, params)
-    if backend not in ("auto", "numpy"):
+        from implicit.recommender_base import ModelFitError  # its "NaN encountered in factors"
+        fit, failures = _train_implicit, (*failures, ModelFitError)
+    elif backend not in ("auto", "numpy"):
         raise ValueError(f"unknown ALS backend {backend!r}")
-    with _one_blas_thread():
-        return _train_numpy(matrix, params)
+    with _one_blas_thread(), np.errstate(all="ignore"):  # overflow is reported below, once
+        try:
+            factors = fit(matrix, params)
+        except failures as exc:
+            raise FitError(f"ALS failed ({exc}) with alpha={params.alpha}, "
+                           f"regularization={params.regularization}") from None
+    if not (np.isfinite(factors.users).all() and np.isfinite(factors.items).all()):
+        raise FitError(f"ALS gave factors that are not finite (NaN or inf) with "
+                       f"alpha={params.alpha}, regularization={params.regularization}")
+    return factors
 
 
 class FoldIn:

@@ -38,7 +38,8 @@ import orjson
 
 from schemas.times import iso_to_ms, ms_to_iso
 from services.model import artifact as artifacts
-from services.model.als import AlsParams, Backend, Factors, train
+from services.model.als import AlsParams, Backend, Factors, FitError
+from services.model.als import train as als_train
 from services.model.metrics import Evaluation, evaluate, ranker
 from services.model.split import cutoff_for, data_range, holdout_truth, time_split
 from services.model.transform import Interaction, InteractionMatrix, interaction_matrix, interactions
@@ -217,6 +218,16 @@ def _too_little(what: str, rows: Sequence[Interaction]) -> TrainError:
                       f"--test-fraction")
 
 
+def factorize(matrix, params: AlsParams, backend: Backend) -> Factors:
+    """ALS (services/model/als.py); factors that are not all finite are a TrainError, so
+    nothing of such a run is written or announced."""
+    try:
+        return als_train(matrix, params, backend)
+    except FitError as exc:
+        raise TrainError(f"{exc}: nothing written. Lower --alpha or raise --regularization "
+                         f"(defaults 10 and 0.1)") from None
+
+
 def evaluate_holdout(rows: Sequence[Interaction], test_fraction: float, params: AlsParams,
                      backend: Backend, k: int) -> Holdout:
     """Train on the interactions before the cutoff, score model and popularity after it."""
@@ -234,7 +245,7 @@ def evaluate_holdout(rows: Sequence[Interaction], test_fraction: float, params: 
     if not truth:
         raise _too_little("no hold-out user interacted with an item that was new to them and "
                           "known before the cutoff, so nothing can be scored", rows)
-    factors = train(past.matrix, params, backend)
+    factors = factorize(past.matrix, params, backend)
     catalogue = Catalogue(past.items, factors.items, item_counts(split.train, past.items))
     return Holdout(cutoff, len(split.train), len(split.test),
                    evaluate(ranker(catalogue, past, factors.users, DEFAULT_SHRINK), truth, k),
@@ -251,7 +262,7 @@ def fit(rows: Sequence[Interaction], options: TrainOptions) -> Trained:
     holdout = evaluate_holdout(rows, options.test_fraction, options.params, options.backend,
                                options.k)
     final = interaction_matrix(rows)
-    factors = train(final.matrix, options.params, options.backend)
+    factors = factorize(final.matrix, options.params, options.backend)
     return Trained(final, factors, item_counts(rows, final.items), holdout,
                    data_range(rows), len(rows))  # type: ignore[arg-type]
 

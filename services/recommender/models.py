@@ -2,13 +2,19 @@
 
 `clickloop train` writes an artifact (services/model/artifact.py) and announces
 it on the compacted `models` topic, keyed by model name. `ModelWatcher` reads
-that topic from the beginning at start-up (the last record per key wins),
-loads the served model (and the shadow model, if any), then keeps consuming.
-A new announcement is loaded and verified (content hash) in a worker thread
-while requests go on with the old model; the swap is one dict assignment on
-the event loop, and a request takes its model reference once, so no request
-ever sees half of a model. A model that fails to load or verify is refused and
-the previous one stays.
+that topic from the beginning at start-up, loads the served model (and the
+shadow model, if any), then keeps consuming. A new announcement is loaded and
+verified (content hash) in a worker thread while requests go on with the old
+model; the swap is one dict assignment on the event loop, and a request takes
+its model reference once, so no request ever sees half of a model. A model
+that fails to load or verify is refused and the previous one stays.
+
+Start-up keeps that promise as far as the topic allows: every announcement of
+a served name read before loading is a candidate (`Candidates`), and the
+newest one that loads and verifies is served, so a bad newest announcement
+does not leave a restarted recommender on the fallback while an older good
+one is still on the topic. Compaction eventually keeps only the newest record
+per name; once it has, the only remedy is announcing a good version again.
 
 `ServedModel` is what inference needs: the catalogue (item ids, factors,
 popularity prior), the known users' rows and a `FoldIn` for users the model
@@ -38,6 +44,10 @@ from streams.storage import locate
 
 log = logging.getLogger("clickloop.recommender.models")
 ALS_FIELDS = frozenset(AlsParams.__dataclass_fields__)
+# Announcements kept per served name until tried (a few hundred bytes each): a topic
+# whose tail compaction has not reached yet can hold a long run of them.
+MAX_CANDIDATES = 1000
+ERRORS_SHOWN = 5   # refusals named in /health's model_error (the log has all)
 
 
 class ModelError(Exception):
@@ -77,10 +87,15 @@ class ServedModel:
                 or len(user_ids) != users.shape[0]:
             raise ModelError(f"{art.path}: factor shapes {items.shape} / {users.shape} / "
                              f"{user_ids.shape} do not fit together")
+        items, users = np.ascontiguousarray(items, np.float32), np.ascontiguousarray(users, np.float32)
+        # A float64 sum of float32 values cannot overflow, so it is finite exactly when
+        # every value is, without a mask as big as the matrix.
+        if not all(np.isfinite(f.sum(dtype=np.float64)) for f in (items, users)):
+            raise ModelError(f"{art.path}: factors that are not all finite (NaN or inf)")
         self.name, self.version, self.path = m.name, m.version, art.path
         self.content_sha256 = m.content_sha256
         self.catalogue = Catalogue(m.item_ids, items, a.get("item_popularity"))
-        self.user_factors = np.ascontiguousarray(users, np.float32)
+        self.user_factors = users
         self.user_rows = {str(u): i for i, u in enumerate(user_ids.tolist())}
         params = AlsParams(**{k: v for k, v in m.params.items() if k in ALS_FIELDS})
         self.fold = FoldIn(self.catalogue.factors, params)
@@ -117,6 +132,47 @@ def load(ann: Announcement, root: str) -> ServedModel:
     return ServedModel(art)
 
 
+class Candidates:
+    """Announcements per served name not yet tried, oldest first: what `ModelWatcher`
+    folds from the topic and then loads, newest first, until one loads.
+
+    Only the four fields loading needs are kept, an announcement seen again moves to
+    the newest place instead of being kept twice, and at most `MAX_CANDIDATES` per
+    name are kept (the oldest dropped)."""
+
+    def __init__(self, names: Iterable[str], limit: int = MAX_CANDIDATES) -> None:
+        self.names = frozenset(names)
+        self.limit = limit
+        self.by_name: dict[str, list[Announcement]] = {}
+
+    def add(self, key: bytes | None, value: bytes | None) -> Announcement | None:
+        """Fold one `models` record: the announcement kept, None for a record of a name
+        not served or a tombstone; ModelError for an unreadable announcement or one whose
+        name is not its key (it would be served under the wrong name)."""
+        name = key.decode(errors="replace") if key is not None else None
+        if name not in self.names or value is None:
+            return None
+        ann = Announcement.parse(value)
+        if ann.name != name:
+            raise ModelError(f"announcement of model {ann.name!r} {ann.version} under the key "
+                             f"{name!r}: the key must be the model name")
+        kept = self.by_name.setdefault(name, [])
+        if ann in kept:
+            kept.remove(ann)
+        kept.append(ann)
+        if len(kept) > self.limit:
+            del kept[0]
+        return ann
+
+    def take(self) -> dict[str, list[Announcement]]:
+        """Each name's candidates, NEWEST FIRST, and forget them."""
+        taken, self.by_name = self.by_name, {}
+        return {name: anns[::-1] for name, anns in taken.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.by_name)
+
+
 class ModelWatcher:
     """The models served by name (`current`), following the `models` topic."""
 
@@ -127,7 +183,9 @@ class ModelWatcher:
         self.current: dict[str, ServedModel] = {}
         self.last_error: str | None = None
         self.on_event = on_event   # (model name, "loaded" | "failed") for metrics
-        self._pending: dict[str, Announcement] = {}   # folded, not yet loaded
+        self._pending = Candidates(self.names)   # folded, not yet tried
+        self._unreadable: list[str] = []         # records `_fold` refused since the last load:
+        self._unreadable_count = 0               # the newest ERRORS_SHOWN, and how many
         self._follower = TopicFollower(settings, (topics.MODELS,), self._fold, self._load_pending,
                                        self._error, "models topic")
 
@@ -138,40 +196,50 @@ class ModelWatcher:
         return self.current.get(name)
 
     async def _load_pending(self) -> None:
-        """Load and swap in what `_fold` found (artifact reads in a thread)."""
-        latest, self._pending = self._pending, {}
-        for name, ann in latest.items():
+        """Load and swap in, per name, the newest candidate `_fold` found that loads and
+        verifies (artifact reads in a thread). Candidates are newer than the model served,
+        except after a reconnect re-reads the topic: the one served then stops the search."""
+        reports = []
+        for name, anns in self._pending.take().items():
             have = self.current.get(name)
-            if have is not None and (have.version, have.content_sha256) == (ann.version, ann.content_sha256):
-                continue
-            t0 = time.perf_counter()
-            try:
-                model = await asyncio.to_thread(load, ann, self.settings.model_root)
-            except Exception as exc:  # any bad artifact is refused, never a crash loop
-                self.last_error = f"{name} {ann.version}: {exc}"
-                log.error("model refused, keeping %s: %s", have.version if have else "none", exc)
-                self.on_event(name, "failed")
-                continue
-            self.current[name] = model  # the swap: requests pick up the new reference
-            self.on_event(name, "loaded")
-            log.info("serving %s %s (%d items) loaded in %.0f ms", name, ann.version,
-                     len(model.catalogue.ids), (time.perf_counter() - t0) * 1000)
+            refused: list[str] = []   # newest first
+            for ann in anns:
+                if have is not None and (have.version, have.content_sha256) == (ann.version, ann.content_sha256):
+                    break
+                t0 = time.perf_counter()
+                try:
+                    model = await asyncio.to_thread(load, ann, self.settings.model_root)
+                except Exception as exc:  # any bad artifact is refused, never a crash loop
+                    refused.append(f"{name} {ann.version}: {exc}")
+                    log.error("model %s %s refused: %s", name, ann.version, exc)
+                    self.on_event(name, "failed")
+                    continue
+                self.current[name] = model  # the swap: requests pick up the new reference
+                self.on_event(name, "loaded")
+                log.info("serving %s %s (%d items) loaded in %.0f ms", name, ann.version,
+                         len(model.catalogue.ids), (time.perf_counter() - t0) * 1000)
+                break
+            if refused:
+                reports.append(refusals(refused, len(refused), self.current.get(name)))
+                if self.current.get(name) is have:
+                    log.error("%s: kept %s", name, have.version if have else "no model")
+        if self._unreadable:
+            reports.append(refusals(self._unreadable[::-1], self._unreadable_count, None))
+            self._unreadable, self._unreadable_count = [], 0
+        if reports:
+            self.last_error = " | ".join(reports)
 
     def _fold(self, records) -> bool:
-        """The newest announcement per served name in a batch (loaded by `_load_pending`)."""
-        latest = self._pending
+        """Every announcement of a served name in a batch (tried by `_load_pending`)."""
         for r in records:
-            name = r.key.decode(errors="replace") if r.key else None
-            if name not in self.names or r.value is None:
-                continue
             try:
-                ann = Announcement.parse(r.value)
+                self._pending.add(r.key, r.value)
             except ModelError as exc:
-                self.last_error = f"{name}: {exc}"
+                self._unreadable = [*self._unreadable[1 - ERRORS_SHOWN:],
+                                    f"{r.key.decode(errors='replace')}: {exc}"]
+                self._unreadable_count += 1
                 log.error("models record %s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
-                continue
-            latest[name] = ann
-        return bool(latest)
+        return bool(self._pending) or bool(self._unreadable)
 
     async def start(self, wait_s: float) -> None:
         """Start following the topic; wait up to `wait_s` for the first models to load."""
@@ -180,3 +248,12 @@ class ModelWatcher:
 
     async def stop(self) -> None:
         await self._follower.stop()
+
+
+def refusals(newest_first: list[str], count: int, serving: ServedModel | None) -> str:
+    """Part of /health's `model_error`: `count` refused announcements, the newest
+    `ERRORS_SHOWN` named (the log has all), and for one name what it serves instead."""
+    shown = "; ".join(newest_first[:ERRORS_SHOWN])
+    more = f"; and {count - ERRORS_SHOWN} older refused" if count > ERRORS_SHOWN else ""
+    now = f" (serving {serving.name} {serving.version})" if serving is not None else ""
+    return f"{shown}{more}{now}"

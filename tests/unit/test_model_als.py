@@ -95,6 +95,54 @@ def test_bad_params_are_refused(kwargs):
         AlsParams(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,why", [
+    ({"alpha": float("nan")}, "NaN compares False, so `alpha < 1` alone let it through"),
+    ({"alpha": float("inf")}, "confidences overflow"),
+    ({"regularization": float("nan")}, "NaN compares False"),
+    ({"regularization": float("inf")}, "an infinite diagonal gives NaN factors"),
+])
+def test_params_must_be_finite(kwargs, why):
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        AlsParams(**kwargs)
+
+
+@pytest.mark.parametrize("argv", [["--alpha", "nan"], ["--regularization", "inf"],
+                                  ["--backend", "numpy", "--alpha", "nan"]])
+def test_the_cli_refuses_non_finite_params_with_exit_2(argv, capsys):
+    from services.cli import main
+
+    assert main(["train", "--no-announce", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clickloop train: ALS parameters: ") and "must be finite" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_that_gives_non_finite_factors_is_an_error(backend):
+    """A finite alpha so large that alpha x weight overflows: implicit raises its own error,
+    numpy ALS returns NaN factors; both are one FitError, never factors to write."""
+    from services.model.als import FitError
+
+    m = interaction_matrix(planted(users=40)).matrix
+    with pytest.raises(FitError, match="alpha=1e[+]308"):
+        train(m, AlsParams(factors=4, iterations=2, alpha=1e308), backend)
+
+
+def test_train_command_refuses_them_before_writing_anything():
+    """`fit` runs before the artifact is written (train.run): its TrainError is exit 2 with
+    the parameters to change, and no artifact."""
+    import argparse
+
+    from services.model.train import TrainError, TrainOptions, fit
+
+    args = argparse.Namespace(name=None, since=None, until=None, test_fraction=0.2, factors=4,
+                              iterations=2, regularization=0.1, alpha=1e308, backend="numpy", k=5,
+                              no_announce=True, precompute=False, precompute_k=None,
+                              active_days=7.0, json=False)
+    with pytest.raises(TrainError, match="nothing written. Lower --alpha or raise --regularization"):
+        fit(planted(users=40), TrainOptions.from_args(args, "als"))
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError):
         train(sp.csr_matrix((2, 2), dtype=np.float32), PARAMS, backend="gpu")  # type: ignore[arg-type]
