@@ -56,6 +56,11 @@ def boundaries(weights: Sequence[float]) -> list[int]:
         cumulative.append(total)
     if total <= 0:
         raise ExperimentError(f"arm weights must not all be zero, got {list(weights)}")
+    # Finite weights can still add up to infinity, or overflow 10000 * S_i (1e308 + 1):
+    # floor() of that raises OverflowError, which no caller expects from a bad record.
+    if not math.isfinite(BUCKETS * total):
+        raise ExperimentError(f"arm weights are too large: 10000 x their total overflows, "
+                              f"got {list(weights)}")
     ends = [math.floor(BUCKETS * s / total + 0.5) for s in cumulative]
     ends[-1] = BUCKETS
     return ends

@@ -31,8 +31,11 @@ DEFAULT_DRAWS = 10_000
 
 def as_posterior(alpha, beta) -> tuple[np.ndarray, np.ndarray]:
     """(alpha, beta) as float arrays, checked: one entry per arm, positive, finite."""
-    a = np.asarray(alpha, dtype=float)
-    b = np.asarray(beta, dtype=float)
+    try:
+        a = np.asarray(alpha, dtype=float)
+        b = np.asarray(beta, dtype=float)
+    except (ValueError, TypeError) as exc:  # ragged lists, strings: data, not a crash
+        raise ExperimentError(f"alpha and beta must be lists of numbers: {exc}") from None
     if a.ndim != 1 or a.shape != b.shape or a.size < 1:
         raise ExperimentError(f"alpha and beta must be 1-d arrays of the same length >= 1, "
                               f"got shapes {a.shape} and {b.shape}")

@@ -35,6 +35,14 @@ import fastjsonschema
 from schemas import json_schema
 from schemas.experiments import SCHEMA_VERSION, Experiment
 from services.experiments import ExperimentError
+from services.experiments.allocation import boundaries
+
+# Also in schemas/json/experiments.schema.json (arms maxItems, weight maximum); a unit
+# test keeps the two equal. Results cost grows with the arms (every treatment against
+# the control, P(best) over all), and a weight is a share, so 1e6 is ample; the cap
+# keeps 10000 x the total finite for the allocation's boundaries.
+MAX_ARMS = 20
+MAX_WEIGHT = 1_000_000
 
 _validate_schema = fastjsonschema.compile(json_schema("experiments"))
 
@@ -62,8 +70,10 @@ def validate(record: object) -> Experiment:
     names = [arm["name"] for arm in record["arms"]]
     if len(set(names)) != len(names):
         reasons.append(f"arm names must be unique, got {names}")
-    if sum(arm["weight"] for arm in record["arms"]) <= 0:
-        reasons.append("arm weights must not all be zero")
+    try:  # the split every reader computes must exist (all zero, or too large, has none)
+        boundaries([arm["weight"] for arm in record["arms"]])
+    except ExperimentError as exc:
+        reasons.append(str(exc))
     if record["planned_end"] <= record["start"]:
         reasons.append(f"planned_end ({record['planned_end']}) must be after start ({record['start']})")
     if (record["status"] == "stopped") != (record["ended"] is not None):

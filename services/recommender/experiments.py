@@ -64,6 +64,7 @@ log = logging.getLogger("clickloop.recommender.experiments")
 STICKY_CAPACITY = 100_000
 BLOCK = 256
 BANDIT_KINDS = frozenset({"thompson", "epsilon_greedy"})
+NOT_APPLIED = "experiments not applied: "   # how last_error names them
 KEPT = ("experiment", "version", "arms", "alpha", "beta", "exposures", "clicks")  # of a snapshot
 
 
@@ -187,6 +188,9 @@ class Allocation:
         self.sticky_ms = sticky_ms
         self.capacity = capacity
         self.live: tuple[Live, ...] = ()
+        # Running experiments on the surface that the last update could not apply, with why
+        # (each is left out on its own; the others are allocated as usual).
+        self.not_applied: dict[str, str] = {}
         # (experiment, unit) -> (until, assignment); insertion order = expiry order. An
         # OrderedDict: evicting the oldest of a plain dict (next(iter(d))) walks the
         # deleted slots at its front, 12 µs per request once full instead of 2.
@@ -198,6 +202,7 @@ class Allocation:
         version did not change keeps its sampler (its seed, its draw count)."""
         old = {e.id: e for e in self.live}
         live = []
+        not_applied = {}
         for exp in running:
             if exp["surface"] != self.surface or exp["status"] != "running":
                 continue
@@ -209,9 +214,13 @@ class Allocation:
                 continue
             try:
                 live.append(Live(exp, snap))
-            except ExperimentError as exc:  # e.g. a snapshot with a non-positive parameter
-                log.error("experiment %s not applied: %s", exp["id"], exc)
+            except Exception as exc:  # noqa: BLE001  one bad record loses only itself
+                # e.g. a snapshot with a non-positive parameter; anything unexpected too: an
+                # exception here would fail the whole feed and stop every experiment.
+                not_applied[exp["id"]] = f"{type(exc).__name__}: {exc}"
+                log.error("experiment %s not applied: %r", exp["id"], exc)
         self.live = tuple(sorted(live, key=lambda e: e.id))
+        self.not_applied = not_applied
         gone = old.keys() - {e.id for e in self.live}
         if gone and self.sticky:
             self.sticky = OrderedDict((k, v) for k, v in self.sticky.items() if k[0] not in gone)
@@ -255,6 +264,8 @@ def valid_snapshot(value: object) -> dict:
             or type(value.get("version")) is not int or not isinstance(value.get("arms"), list):
         raise ExperimentError("not a posterior snapshot: needs experiment, integer version, arms")
     arms = value["arms"]
+    if not all(isinstance(a, str) for a in arms):
+        raise ExperimentError(f"arms must be a list of names, got {arms!r}")
     if not (isinstance(value.get("alpha"), list) and isinstance(value.get("beta"), list)
             and len(value["alpha"]) == len(value["beta"]) == len(arms)):
         raise ExperimentError("alpha and beta must be lists as long as arms")
@@ -275,6 +286,7 @@ class ExperimentFeed:
         self.bad = 0               # unreadable records
         self.last_error: str | None = None
         self.updates = 0
+        self.unapplied = 0         # running experiments that an update could not apply
         # The broker answers a fetch as soon as records arrive; the wait only bounds idle
         # polls (50 ms made 20 fetches a second to decode on the serving loop, ~1 % of
         # its CPU at saturation; bench/bandit.py propagation stays ~1 s either way).
@@ -290,42 +302,58 @@ class ExperimentFeed:
     def fold(self, records) -> bool:
         """Fold a batch of records; True when the registry or a posterior changed."""
         changed = False
-        exp_topic = self.topics[0]
         for r in records:
-            key = r.key.decode(errors="replace") if r.key is not None else None
             try:
-                value = orjson.loads(r.value) if r.value is not None else None
-            except orjson.JSONDecodeError:
+                changed |= self._fold_one(r)
+            except Exception as exc:  # noqa: BLE001  a record the rules did not foresee: it
+                # alone is lost. Raised, it would fail the feed, which would reopen, read it
+                # again and fail again, and no experiment on the surface would be allocated.
                 self.bad += 1
-                log.error("%s[%d]@%d: not JSON", r.topic, r.partition, r.offset)
-                continue
-            if r.topic == exp_topic:
-                state, refused = apply(self.registry, key, value)
-                if refused:
-                    self.refused += 1
-                    log.warning("experiments record %s refused: %s", key, refused)
-                elif state is not self.registry:
-                    self.registry, changed = state, True
-                continue
-            if value is None:       # a tombstone of a snapshot: back to the prior
-                changed |= key is not None and self.posteriors.pop(key, None) is not None
-                continue
-            try:
-                snap = valid_snapshot(value)
-            except ExperimentError as exc:
-                self.bad += 1
-                log.error("%s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
-                continue
-            have = self.posteriors.get(snap["experiment"])
-            if have is None or snap["version"] > have["version"]:
-                # what allocation and /v1/experiments use (not `daily`, which only grows)
-                self.posteriors[snap["experiment"]] = {k: snap.get(k) for k in KEPT}
-                changed = True
+                self.last_error = f"{r.topic}[{r.partition}]@{r.offset}: {exc!r}"
+                log.exception("%s[%d]@%d: not folded", r.topic, r.partition, r.offset)
         return changed
+
+    def _fold_one(self, r) -> bool:
+        key = r.key.decode(errors="replace") if r.key is not None else None
+        try:
+            value = orjson.loads(r.value) if r.value is not None else None
+        except orjson.JSONDecodeError:
+            self.bad += 1
+            log.error("%s[%d]@%d: not JSON", r.topic, r.partition, r.offset)
+            return False
+        if r.topic == self.topics[0]:
+            state, refused = apply(self.registry, key, value)
+            if refused:
+                self.refused += 1
+                log.warning("experiments record %s refused: %s", key, refused)
+                return False
+            changed = state is not self.registry
+            self.registry = state
+            return changed
+        if value is None:       # a tombstone of a snapshot: back to the prior
+            return key is not None and self.posteriors.pop(key, None) is not None
+        try:
+            snap = valid_snapshot(value)
+        except ExperimentError as exc:
+            self.bad += 1
+            log.error("%s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
+            return False
+        have = self.posteriors.get(snap["experiment"])
+        if have is None or snap["version"] > have["version"]:
+            # what allocation and /v1/experiments use (not `daily`, which only grows)
+            self.posteriors[snap["experiment"]] = {k: snap.get(k) for k in KEPT}
+            return True
+        return False
 
     def _apply(self) -> None:
         self.allocation.update(self.registry.running(self.allocation.surface), self.posteriors)
         self.updates += 1
+        failed = self.allocation.not_applied
+        self.unapplied += len(failed)
+        if failed:
+            self.last_error = NOT_APPLIED + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+        elif self.last_error is not None and self.last_error.startswith(NOT_APPLIED):
+            self.last_error = None  # stopped or fixed since: the error no longer holds
 
     async def start(self, wait_s: float) -> None:
         if not await self._follower.start(wait_s):
@@ -340,7 +368,8 @@ class ExperimentFeed:
         return {"surface": a.surface, "caught_up": self.caught_up.is_set(),
                 "sticky_s": a.sticky_ms // 1000, "sticky_units": len(a.sticky),
                 "refused": self.refused, "bad_records": self.bad, "updates": self.updates,
-                "error": self.last_error,
+                "error": self.last_error, "not_applied": dict(sorted(a.not_applied.items())),
+                "not_applied_total": self.unapplied,
                 "running": [e.describe() for e in a.live],
                 "posteriors": {k: {"version": v["version"], "arms": v["arms"],
                                    "exposures": v.get("exposures"), "clicks": v.get("clicks")}

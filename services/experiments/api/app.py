@@ -13,14 +13,25 @@
 Handlers have the shape of every clickloop handler: parse, call the pure rules
 (registry, results), hand the record to the store (which answers only after
 the broker acknowledged it and the fold accepted it, see store.py), answer.
-Errors are JSON `{"error": reason}`: 400 bad input, 404 unknown id, 409
-refused by the registry (collision, state machine, existing id), 503 with
-Retry-After when Kafka cannot take or confirm the write.
+Errors are JSON `{"error": reason}`: 400 bad input, 404 unknown id (or route),
+405 wrong method, 409 refused by the registry (collision, state machine, existing
+id), 413 body over 256 KB, 500 unreadable server data (a posterior snapshot) or a
+bug, 503 with Retry-After when Kafka cannot take or confirm the write or results
+took longer than RESULTS_TIMEOUT_S. aiohttp's own errors (413, 405, unknown routes)
+go through `json_errors` to keep that shape.
+
+Results are computed in a small thread pool of their own, not on the event loop:
+their Monte Carlo work (bounded by results.MAX_DRAW_CELLS) would otherwise hold up
+/health and writes for as long as it runs.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -32,7 +43,7 @@ from services.experiments.api.openapi import document
 from services.experiments.api.store import Conflict, ExperimentStore, Unavailable
 from services.experiments.bayesian import UNIFORM
 from services.experiments.report import parse_mde
-from services.experiments.results import SnapshotError, read_snapshot, results
+from services.experiments.results import SnapshotError, check_draws, read_snapshot, results
 from services.history import routes as history_routes
 from schemas.experiments import SCHEMA_VERSION, Experiment
 from services.settings import Settings
@@ -40,10 +51,16 @@ from services.settings import Settings
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ExperimentStore)
 METRICS = web.AppKey("metrics", Metrics)
+RESULTS_POOL = web.AppKey("results_pool", ThreadPoolExecutor)
+
+log = logging.getLogger("clickloop.experiments.api")
 
 STATIC = Path(__file__).parent / "static"
 RETRY_AFTER_S = "5"
 MAX_DRAWS = 200_000
+MAX_BODY = 256 * 1024
+RESULTS_WORKERS = 2            # results computed at once; more wait their turn (in the timeout)
+RESULTS_TIMEOUT_S = 10.0       # waiting plus computing; then 503 with Retry-After
 SERVER_FIELDS = ("v", "revision", "status", "ended", "updated")
 DEFAULTS = {"population": {}, "unit": "user_id", "kind": "ab", "epsilon": None,
             "primary_metric": "click_through", "namespace": None}
@@ -216,19 +233,36 @@ async def get_results(request: web.Request) -> web.Response:
         draws = _number(q, "draws", None, int, 1, MAX_DRAWS)
         seed = _number(q, "seed", None, int, 0, 2 ** 53 - 1)
         mde = parse_mde(q["mde"]) if q.get("mde") else None
+        kwargs = {"draws": draws} if draws is not None else {}
+        if draws is not None:
+            check_draws(len(exp["arms"]), draws)
         snap = read_snapshot(request.app[STORE].snapshots.get(exp["id"]),
                              [a["name"] for a in exp["arms"]])
     except SnapshotError as exc:
-        return _error(500, f"the latest bandit.posteriors snapshot of {exp['id']!r} is unreadable: {exc}")
+        return _unreadable(exp, exc)
     except ExperimentError as exc:
         return _error(400, str(exc))
-    kwargs = {"draws": draws} if draws is not None else {}
+    compute = functools.partial(results, exp, snap, alpha=alpha, power=power, mde=mde,
+                                prior=UNIFORM, seed=seed, **kwargs)
+    loop = asyncio.get_running_loop()
     try:
-        body = results(exp, snap, alpha=alpha, power=power, mde=mde, prior=UNIFORM, seed=seed, **kwargs)
+        body = await asyncio.wait_for(loop.run_in_executor(request.app[RESULTS_POOL], compute),
+                                      RESULTS_TIMEOUT_S)
+    except TimeoutError:
+        return _error(503, f"the results of {exp['id']!r} took longer than {RESULTS_TIMEOUT_S:g} s "
+                           "(other results requests are being computed); retry later, or with "
+                           "fewer draws")
     except ExperimentError as exc:
-        return _error(400, str(exc))
+        # The request was checked above: what is left is the data (the registry's record
+        # or the snapshot), which the client cannot fix.
+        return _error(500, f"the results of {exp['id']!r} cannot be computed from its record "
+                           f"and latest bandit.posteriors snapshot: {exc}")
     body["experiment_record"] = exp
     return _json(body)
+
+
+def _unreadable(exp: dict, exc: Exception) -> web.Response:
+    return _error(500, f"the latest bandit.posteriors snapshot of {exp['id']!r} is unreadable: {exc}")
 
 
 _TEXT = {"type": "string"}
@@ -289,6 +323,24 @@ def _page(name: str):
 
 
 @web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """aiohttp's own errors (413 body too large, 405, 404 of unknown routes) and
+    unexpected exceptions in the documented JSON shape, not text/plain."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _error(exc.status, exc.text or exc.reason)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception as exc:  # noqa: BLE001  a bug: logged with its traceback, answered as JSON
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, f"internal error ({type(exc).__name__}); the service logged it")
+
+
+@web.middleware
 async def count(request: web.Request, handler) -> web.StreamResponse:
     response = await handler(request)
     route = request.match_info.route.resource
@@ -298,15 +350,17 @@ async def count(request: web.Request, handler) -> web.StreamResponse:
 
 
 def make_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[count], client_max_size=256 * 1024)
+    app = web.Application(middlewares=[count, json_errors], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[STORE] = ExperimentStore(settings)
+    app[RESULTS_POOL] = ThreadPoolExecutor(RESULTS_WORKERS, thread_name_prefix="results")
 
     async def lifecycle(app: web.Application):
         await app[STORE].start()
         yield
         await app[STORE].stop()
+        app[RESULTS_POOL].shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
     r = app.router

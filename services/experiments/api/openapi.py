@@ -9,6 +9,7 @@ import copy
 from functools import cache
 
 from schemas import json_schema
+from services.experiments.results import MAX_DRAW_CELLS
 
 
 def _ref(name: str) -> dict:
@@ -26,6 +27,13 @@ def _err(description: str) -> dict:
 UNAVAILABLE = {**_err("Kafka cannot take or confirm the write now (or the registry is still "
                       "being read at start-up); retry after Retry-After seconds"),
                "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
+TOO_LARGE = _err("the body is over 256 KB")
+UNREADABLE = _err("the latest bandit.posteriors snapshot (server data) is unreadable or the "
+                  "results cannot be computed from it")
+RESULTS_BUSY = {**_err("the registry is still being read at start-up, or the results took longer "
+                       "than the service's timeout (others are being computed); retry after "
+                       "Retry-After seconds"),
+                "headers": {"Retry-After": {"schema": {"type": "integer"}}}}
 ID = {"name": "id", "in": "path", "required": True, "description": "experiment id",
       "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}}
 
@@ -109,7 +117,9 @@ def _document() -> dict:
         "openapi": "3.1.0",
         "info": {"title": "clickloop experiments", "version": "1",
                  "description": "Create, start, stop and list experiments (records on the compacted "
-                                "`experiments` topic) and read their results."},
+                                "`experiments` topic) and read their results. Every error, on "
+                                "any route (405 wrong method, 404 unknown route, 500 a bug, "
+                                "too), is JSON {\"error\": reason}."},
         "paths": {
             "/v1/experiments": {
                 "post": {"operationId": "createExperiment", "summary": "create a draft",
@@ -117,6 +127,7 @@ def _document() -> dict:
                          "responses": {"201": _json(_ref("Experiment"), "created (status draft)"),
                                        "400": _err("invalid request, with the reason"),
                                        "409": _err("the id exists, or it collides with a running experiment"),
+                                       "413": TOO_LARGE,
                                        "503": UNAVAILABLE}},
                 "get": {"operationId": "listExperiments", "summary": "list experiments",
                         "parameters": [_query("status", {"enum": ["draft", "running", "stopped"]}, "only this status"),
@@ -148,10 +159,12 @@ def _document() -> dict:
                                               "default the observed difference"),
                                        _query("seed", {"type": "integer", "minimum": 0}, "Monte Carlo seed"),
                                        _query("draws", {"type": "integer", "minimum": 1, "maximum": 200000},
-                                              "Monte Carlo draws (default 20000)")],
+                                              "Monte Carlo draws (default 20000); arms x draws at most "
+                                              f"{MAX_DRAW_CELLS}")],
                         "responses": {"200": _json(_ref("Results"), "the results"),
-                                      "400": _err("bad parameter"), "404": _err("no experiment with that id"),
-                                      "503": UNAVAILABLE}}},
+                                      "400": _err("bad parameter (also: arms x draws over the limit)"),
+                                      "404": _err("no experiment with that id"),
+                                      "500": UNREADABLE, "503": RESULTS_BUSY}}},
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "this document",
                                       "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")}}},
             "/health": {"get": {"operationId": "health", "summary": "Kafka connected and registry caught up",
