@@ -138,6 +138,7 @@ class FeatureClient:
         self.conns: list[_Connection | None] = [None] * self.size
         self._opening: list[asyncio.Task | None] = [None] * self.size
         self.connects = 0
+        self.wrong_type = 0   # keys that held another Redis type, read as absent
 
     async def _open(self, slot: int) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -198,9 +199,18 @@ class FeatureClient:
             if conn.timeouts >= SUSPECT_LIMIT:
                 conn.abort()
             raise
-        for r in (fields, topk):
-            if isinstance(r, RespError):
-                raise r
+        # A key holding another type (WRONGTYPE) is this visitor's bad data, not a Redis
+        # failure: read as absent, so it never counts against the breaker for everyone.
+        if isinstance(fields, RespError):
+            if not str(fields).startswith("WRONGTYPE"):
+                raise fields
+            self.wrong_type += 1
+            fields = []
+        if isinstance(topk, RespError):
+            if not str(topk).startswith("WRONGTYPE"):
+                raise topk
+            self.wrong_type += 1
+            topk = None
         it = iter(fields)
         return dict(zip(it, it)), topk
 

@@ -16,6 +16,7 @@ model swap changes the key.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -50,13 +51,19 @@ EMPTY_STATUS = {g.name: "missing" for g in USER.groups}
 
 
 def parse_topk(raw: bytes | str | None) -> TopK | None:
-    """The precomputed top-k JSON, or None when absent or unreadable."""
+    """The precomputed top-k JSON, or None when absent or unreadable. Entries are kept
+    only with a string item and a finite score, each item once (its first place)."""
     if not raw:
         return None
     try:
         d = orjson.loads(raw)
-        return TopK(str(d["name"]), str(d["version"]),
-                    [(str(i), float(s)) for i, s in d["items"]], int(d.get("computed_ms") or 0))
+        items, taken = [], set()
+        for i, s in d["items"]:
+            if i.__class__ is str and s.__class__ in (int, float) and math.isfinite(s) \
+                    and i not in taken:
+                taken.add(i)
+                items.append((i, float(s)))
+        return TopK(str(d["name"]), str(d["version"]), items, int(d.get("computed_ms") or 0))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
@@ -72,7 +79,11 @@ def profile_of(user_hash: Mapping[bytes | str, bytes | str], topk_raw: bytes | s
     recent: tuple = ()
     if recent_group is not None and isinstance(recent_group.get("items"), list):
         # Tuples of strings and ints: the garbage collector stops tracking them, so a
-        # full cache does not lengthen its pauses.
-        recent = tuple(tuple(r) for r in recent_group["items"] if isinstance(r, list) and len(r) == 3)
+        # full cache does not lengthen its pauses. Only well-formed entries (item,
+        # action, integer time): one odd entry must not fail this visitor's scoring,
+        # nor count against the model's breaker for everyone.
+        recent = tuple((r[0], r[1], r[2]) for r in recent_group["items"]
+                       if r.__class__ is list and len(r) == 3 and r[0].__class__ is str
+                       and r[1].__class__ is str and r[2].__class__ is int)
     status = {name: g.status for name, g in entity.groups.items()}
     return Profile(recent, frozenset(str(r[0]) for r in recent), status, topk)

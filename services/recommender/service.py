@@ -303,6 +303,7 @@ class Recommender:
                             "age_ms": popular.age_ms() if popular else None},
                 "cache": {"entries": len(self.cache), "hits": self.cache.hits,
                           "misses": self.cache.misses},
+                "wrong_type_keys": self.features.wrong_type if self.features else 0,
                 "exposures": {"sent": self.exposures.sent, "dropped": self.exposures.dropped,
                               "buffered": len(self.exposures.buffer),
                               "kafka_ready": self.exposures.ready},

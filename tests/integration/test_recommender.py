@@ -210,6 +210,32 @@ async def test_bad_popular_snapshots_are_skipped_and_the_refreshes_go_on(setting
     await redis.aclose()
 
 
+async def test_one_visitors_bad_data_never_opens_a_breaker_for_everyone(settings):
+    """A `user:` key of another Redis type (WRONGTYPE) and a `topk:` key that is a hash
+    are that visitor's bad data, read as absent; odd recent entries are left out. The
+    audit saw 25 requests for one such visitor open the Redis or the model breaker."""
+    s = tuned(settings)
+    redis = aioredis.from_url(s.redis_url)
+    await seed(s, redis)
+    await redis.rpush(s.redis_key("user", "list-user"), "x")
+    await redis.hset(s.redis_key("topk", "list-user"), "a", "b")
+    ts = now_ms()
+    await write_user(redis, s, "odd-user", [(item_id(3), "click", ts)], ts)
+    await redis.hset(s.redis_key("user", "odd-user"), "recent:items",
+                     orjson.dumps([[item_id(4), ["view"], ts], [item_id(5), "view", ts]]))
+    async with TestClient(TestServer(make_app(s))) as client:
+        for _ in range(25):
+            for visitor in ("list-user", "odd-user"):
+                status, body = await get(client, user_id=visitor, k=3)
+                assert status == 200 and body["path"] in ("model", "cold_start"), body
+        status, body = await get(client, user_id=user_id(1), k=3)
+        health = await (await client.get("/health")).json()
+    assert status == 200 and body["path"] == "model" and body["reason"] is None
+    assert {b["state"] for b in health["breakers"].values()} == {"closed"}
+    assert health["wrong_type_keys"] == 50
+    await redis.aclose()
+
+
 async def test_redis_paused_then_stopped_fallback_then_breaker_closes(settings, tmp_path):
     private = PrivateRedis(tmp_path / "redis")
     private.start()

@@ -56,3 +56,20 @@ def test_topk_parsing(raw, ok, why):
     assert (topk is not None) is ok, why
     if ok:
         assert topk.name == "als" and topk.version == "v1"
+
+
+def test_only_well_formed_recent_entries_are_kept():
+    """An odd entry (an action that is a list, an item that is a number, a time that is
+    text) would fail the fold-in: it is left out, the rest is used."""
+    writes = [GroupWrite("recent", NOW, {"items": [["i1", "click", NOW], ["i2", ["view"], NOW],
+                                                   [7, "view", NOW], ["i3", "view", "now"],
+                                                   ["i4", "view"], "i5", ["i6", "view", NOW]]})]
+    fields, _ = apply_writes({}, USER, FEATURE_SET_VERSION, writes)
+    p = profile_of({k.encode(): v.encode() for k, v in fields.items()}, None, NOW)
+    assert p.recent == (("i1", "click", NOW), ("i6", "view", NOW)) and p.seen == {"i1", "i6"}
+
+
+def test_precomputed_entries_need_a_string_item_and_a_finite_score_once():
+    raw = b'{"name": "als", "version": "v1", "items": [["a", 0.9], ["a", 0.8], [3, 0.7], ' \
+          b'["b", "-inf"], ["c", null], ["d", 0.5]]}'
+    assert parse_topk(raw).items == [("a", 0.9), ("d", 0.5)]
