@@ -17,7 +17,10 @@ watermark`) is late: it is handed back in `Outputs.late`, never dropped and
 never allowed to reopen history.
 
 Rules, in the order they apply to an event:
-- a `message_id` already in one of the visitor's open sessions is a duplicate;
+- a `message_id` already in one of the visitor's open sessions is a duplicate
+  (each session remembers its latest 1,000 to 2,000 ids: `KEPT_IDS` in
+  native/src/partition.rs; a session lists at most 1,000 items and counts 100
+  event names, the rest under `(other)`);
 - the event joins every open session it is within `gap` of; if it fits two,
   it bridges them and they merge (unless the merged session would span
   `max_ms` or more, then it joins the one before it if that stays under

@@ -8,7 +8,9 @@ use crate::session::{Names, OpenSession};
 use rustc_hash::{FxBuildHasher, FxHashSet};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
 use std::collections::BinaryHeap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 type Visitors = hashbrown::HashMap<String, VisitorState, FxBuildHasher>;
@@ -18,6 +20,11 @@ pub const INCOMPLETE: &str =
     "event lacks an integer timestamp, a message_id, a type or a user_id/anonymous_id";
 pub const LATE: &str =
     "older than the watermark allows: its session would already be closed (gap + grace passed)";
+/// An open session remembers at least this many of its latest message ids for dedupe
+/// (between this and twice this): a client's retry comes within seconds, and a session
+/// of a bot sending for a day must not grow its changelog entry past the broker's
+/// record limit (one entry of ~22,500 ids did, and the worker stopped on it).
+pub const KEPT_IDS: usize = 1_000;
 
 #[derive(Clone, Copy)]
 pub struct Config {
@@ -72,8 +79,11 @@ pub struct Partition {
     /// whose visitor has open sessions again is dropped (it is pushed anew when they
     /// close). At most one entry per visitor, so the heap stays within the map's size.
     forget: BinaryHeap<Reverse<(i64, String)>>,
-    /// Message ids of every open session of the partition.
-    seen: FxHashSet<Arc<str>>,
+    /// (visitor, message id) of the ids the open sessions remember, as keyed 64-bit
+    /// hashes (SipHash, a key of this process: rebuilt from the sessions on load):
+    /// dedupe is per visitor, so another visitor reusing an id loses nothing.
+    seen: FxHashSet<u64>,
+    keys: RandomState,
     /// Visitors whose state changed since the last `take_dirty`.
     dirty: Vec<String>,
 }
@@ -82,7 +92,7 @@ impl Partition {
     pub fn new(config: Config, names: Names, watermark: i64, next_offset: i64) -> Self {
         Partition { config, names, visitors: Visitors::default(), watermark, next_offset,
                     expiry: BinaryHeap::new(), forget: BinaryHeap::new(), seen: FxHashSet::default(),
-                    dirty: Vec::new() }
+                    keys: RandomState::new(), dirty: Vec::new() }
     }
 
     fn slack(&self) -> i64 {
@@ -100,7 +110,8 @@ impl Partition {
             self.expiry.push(Reverse((first.end + self.slack(), visitor.clone())));
         }
         for session in &state.open {
-            self.seen.extend(session.message_ids.iter().cloned());
+            let keys = &self.keys;
+            self.seen.extend(session.message_ids.iter().map(|mid| keys.hash_one((visitor.as_str(), &**mid))));
         }
         if self.config.retention_ms > 0 && state.closed_count > 0 && state.last_end.is_none() {
             // Written before retention existed: count the idle time from now, so an
@@ -152,13 +163,13 @@ impl Partition {
                 return;
             }
         };
-        // Claim the id first (one hash, one allocation shared with the session);
-        // a late event gives it back.
-        let mid: Arc<str> = Arc::from(mid);
-        if !self.seen.insert(Arc::clone(&mid)) {
+        // Claim the id first; a late event gives it back.
+        let key = self.keys.hash_one((visitor, mid));
+        if !self.seen.insert(key) {
             out.duplicates += 1;
             return;
         }
+        let mid: Arc<str> = Arc::from(mid);
         let Config { gap_ms: gap, grace_ms: grace, max_ms: max, retention_ms: retention } = self.config;
         let state = self.visitors.entry_ref(visitor).or_default();
         // A session the watermark has passed by gap + grace is closed by the rules even
@@ -169,7 +180,8 @@ impl Partition {
         if state.open.first().is_some_and(|s| s.end + gap + grace <= self.watermark) {
             // (Their expiry entries stay in the heap: the pass queues the visitor for
             // forgetting when it pops them, as for any closed session.)
-            close_due(visitor, state, self.watermark, gap + grace, &mut self.seen, &mut self.dirty, out);
+            close_due(visitor, state, self.watermark, gap + grace, &self.keys, &mut self.seen,
+                      &mut self.dirty, out);
         }
         let sessions = &mut state.open;
         let fast = sessions.len() == 1 && {
@@ -179,6 +191,7 @@ impl Partition {
         };
         if fast {
             sessions[0].add(ev, ts, &mid, kind, &self.names);
+            forget_oldest_ids(visitor, &mut sessions[0], &self.keys, &mut self.seen);
         } else {
             let fits: Vec<usize> = (0..sessions.len())
                 .filter(|&i| sessions[i].start - gap < ts && ts < sessions[i].end + gap)
@@ -187,7 +200,7 @@ impl Partition {
                 None => {
                     if ts + gap + grace <= self.watermark {
                         let unknown = sessions.is_empty() && state.closed_count == 0;
-                        self.seen.remove(&*mid);
+                        self.seen.remove(&key);
                         if unknown {
                             self.visitors.remove(visitor);
                         }
@@ -211,6 +224,7 @@ impl Partition {
                 }
                 Some((i, merged)) => {
                     sessions[i].add(ev, ts, &mid, kind, &self.names);
+                    forget_oldest_ids(visitor, &mut sessions[i], &self.keys, &mut self.seen);
                     if merged {
                         let expiry = sessions[i].end + gap + grace;
                         self.expiry.push(Reverse((expiry, visitor.to_owned())));
@@ -238,7 +252,7 @@ impl Partition {
             }
             let Reverse((_, visitor)) = self.expiry.pop().expect("peeked");
             let Some(state) = self.visitors.get_mut(&visitor) else { continue };
-            close_due(&visitor, state, watermark, slack, &mut self.seen, &mut self.dirty, out);
+            close_due(&visitor, state, watermark, slack, &self.keys, &mut self.seen, &mut self.dirty, out);
             if let Some(first) = state.open.first() {
                 self.expiry.push(Reverse((first.end + slack, visitor)));
             } else if retention > 0 && !state.forget_queued {
@@ -300,12 +314,12 @@ impl Partition {
 
 /// Close a visitor's sessions the watermark has passed by `slack`, in start order,
 /// each with the visitor's next index and the previous session's id.
-fn close_due(visitor: &str, state: &mut VisitorState, watermark: i64, slack: i64,
-             seen: &mut FxHashSet<Arc<str>>, dirty: &mut Vec<String>, out: &mut Outputs) {
+fn close_due(visitor: &str, state: &mut VisitorState, watermark: i64, slack: i64, keys: &RandomState,
+             seen: &mut FxHashSet<u64>, dirty: &mut Vec<String>, out: &mut Outputs) {
     while state.open.first().is_some_and(|s| s.end + slack <= watermark) {
         let session = state.open.remove(0);
         for mid in &session.message_ids {
-            seen.remove(&**mid);
+            seen.remove(&keys.hash_one((visitor, &**mid)));
         }
         state.closed_count += 1;
         let (id, record) = session.summary(visitor, state.closed_count, &state.last_session_id);
@@ -316,6 +330,18 @@ fn close_due(visitor: &str, state: &mut VisitorState, watermark: i64, slack: i64
             state.dirty = true;
             dirty.push(visitor.to_owned());
         }
+    }
+}
+
+/// Past 2 × KEPT_IDS remembered ids, a session forgets its oldest KEPT_IDS (amortized:
+/// one drain per KEPT_IDS events), in its state and in the partition's dedupe set.
+fn forget_oldest_ids(visitor: &str, session: &mut OpenSession, keys: &RandomState, seen: &mut FxHashSet<u64>) {
+    if session.message_ids.len() < 2 * KEPT_IDS {
+        return;
+    }
+    let excess = session.message_ids.len() - KEPT_IDS;
+    for mid in session.message_ids.drain(..excess) {
+        seen.remove(&keys.hash_one((visitor, &*mid)));
     }
 }
 

@@ -69,6 +69,12 @@ struct Summary<'a> {
 }
 
 pub const SCHEMA_VERSION: i64 = 1;
+/// A session lists at most this many distinct items (the first seen) and counts at
+/// most this many distinct event names (the rest under OTHER_NAMES): a crawler's
+/// session must not grow its state and record without bound, nor each event's scan.
+pub const MAX_ITEMS: usize = 1_000;
+pub const MAX_NAMES: usize = 100;
+pub const OTHER_NAMES: &str = "(other)";
 const UTM_KEYS: [&str; 5] = ["source", "medium", "campaign", "term", "content"];
 
 impl OpenSession {
@@ -106,10 +112,7 @@ impl OpenSession {
             } else if names.item.contains(name) {
                 let item = if event.item_id.truthy() { &event.item_id } else { &event.product_id };
                 if let Some(item) = item.to_text() {
-                    match self.items.iter_mut().find(|(k, _)| *k == item) {
-                        Some((_, seen)) => *seen = (*seen).min(ts),
-                        None => self.items.push((item, ts)),
-                    }
+                    note_item(&mut self.items, item, ts);
                 }
             }
             name
@@ -119,10 +122,7 @@ impl OpenSession {
             }
             kind
         };
-        match self.counts.iter_mut().find(|(k, _)| k == name) {
-            Some((_, n)) => *n += 1,
-            None => self.counts.push((name.to_owned(), 1)),
-        }
+        count_name(&mut self.counts, name, 1);
         if event.context_len == 0 {
             return;
         }
@@ -169,16 +169,10 @@ impl OpenSession {
             ..Default::default()
         };
         for (name, n) in &last.counts {
-            match merged.counts.iter_mut().find(|(k, _)| k == name) {
-                Some((_, m)) => *m += n,
-                None => merged.counts.push((name.clone(), *n)),
-            }
+            count_name(&mut merged.counts, name, *n);
         }
         for (item, ts) in &last.items {
-            match merged.items.iter_mut().find(|(k, _)| k == item) {
-                Some((_, t)) => *t = (*t).min(*ts),
-                None => merged.items.push((item.clone(), *ts)),
-            }
+            note_item(&mut merged.items, item.clone(), *ts);
         }
         for src in [first, last] {
             if src.landing_page.is_some() && (merged.landing_page.is_none() || src.landing_ts < merged.landing_ts) {
@@ -216,6 +210,28 @@ impl OpenSession {
         };
         let json = serde_json::to_vec(&record).expect("a session serializes");
         (id, json)
+    }
+}
+
+/// An item seen at `ts` (its first time kept); past MAX_ITEMS items, new ones are not listed.
+fn note_item(items: &mut Vec<(String, i64)>, item: String, ts: i64) {
+    if let Some((_, seen)) = items.iter_mut().find(|(k, _)| *k == item) {
+        *seen = (*seen).min(ts);
+    } else if items.len() < MAX_ITEMS {
+        items.push((item, ts));
+    }
+}
+
+/// Count `n` events named `name`; past MAX_NAMES names, under OTHER_NAMES.
+fn count_name(counts: &mut Vec<(String, i64)>, name: &str, n: i64) {
+    if let Some((_, m)) = counts.iter_mut().find(|(k, _)| k == name) {
+        *m += n;
+    } else if counts.len() < MAX_NAMES {
+        counts.push((name.to_owned(), n));
+    } else if let Some((_, m)) = counts.iter_mut().find(|(k, _)| k == OTHER_NAMES) {
+        *m += n;
+    } else {
+        counts.push((OTHER_NAMES.to_owned(), n));
     }
 }
 

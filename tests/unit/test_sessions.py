@@ -101,6 +101,44 @@ def test_duplicates_are_counted_once_even_out_of_order():
     assert (closed[0]["event_count"], dups) == (2, 1)
 
 
+def test_dedupe_is_per_visitor_another_visitors_event_with_the_same_id_counts():
+    """The audit saw bob's event dropped as a duplicate of alice's (ids reused across users:
+    counters, ids derived from business keys)."""
+    closed, _, dups, _ = run([ev("u1", 0, mid="m1"), ev("u2", 1, mid="m1"), ev("u1", 2, mid="m1"),
+                              ev("u3", 99)])
+    assert dups == 1 and sorted((s["visitor"], s["event_count"]) for s in closed) == \
+        [("u1", 1), ("u2", 1)]
+
+
+def test_a_day_long_session_keeps_a_bounded_state_and_still_dedupes_retries():
+    """A bot sending every 3 s for 21 hours: 25,000 events in one session. Its changelog
+    entry once grew past the broker's 1 MB record limit (every message id kept) and the
+    worker stopped on it; now the session remembers its latest 1,000-2,000 ids, and a
+    retry of a recent event is still a duplicate."""
+    part, dups, biggest = PartitionSessions(CFG), 0, 0
+    for n in range(25_000):
+        out = part.process([ev("u1", n * 0.05, mid=f"bot-message-{n:08d}-with-a-long-suffix")], n + 1)
+        dups += out.duplicates
+        if n % 1000 == 999:
+            biggest = max(biggest, max(len(state) for _, state in part.take_dirty() if state))
+    retry = part.process([ev("u1", 1249.0, mid="bot-message-00024990-with-a-long-suffix")])
+    old = part.process([ev("u1", 1249.5, mid="bot-message-00000001-with-a-long-suffix")])
+    closed = part.process([ev("u2", 5000)]).closed
+    assert dups == 0 and retry.duplicates == 1 and old.duplicates == 0
+    assert biggest < 150_000, biggest
+    assert closed[0]["event_count"] == 25_001
+
+
+def test_a_crawlers_session_lists_its_first_1000_items_and_100_event_names():
+    events = [ev("u1", n * 0.01, item=f"item-{n}") for n in range(1_500)] + \
+        [ev("u1", 15 + n * 0.01, name=f"Custom {n}") for n in range(150)] + [ev("u2", 999)]
+    closed, _, _, _ = run(events)
+    (session,) = [s for s in closed if s["visitor"] == "u1"]
+    assert session["items"] == [f"item-{n}" for n in range(1_000)]
+    assert len(session["counts"]) == 101 and session["counts"]["(other)"] == 51
+    assert sum(session["counts"].values()) == session["event_count"] == 1_650
+
+
 def test_max_duration_starts_a_new_session():
     cfg = SessionConfig(gap_ms=30 * MIN, grace_ms=0, max_ms=60 * MIN)
     events = [ev("u1", m) for m in range(0, 100, 20)] + [ev("u2", 500)]
