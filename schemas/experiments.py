@@ -22,7 +22,7 @@ Unit = Literal["user_id", "anonymous_id"]
 
 class ArmSpec(TypedDict):
     name: str                   # unique within the experiment, e.g. "popular", "personalized"
-    weight: float               # share of traffic (A/B), initial share (bandits); >= 0
+    weight: float               # share of traffic (A/B), initial share (bandits); 0 <= weight <= 1e6 (registry.MAX_WEIGHT)
     description: str | None
 
 
@@ -41,7 +41,7 @@ class Experiment(TypedDict):
     surface: str                # where it is served, e.g. "home.recommendations"
     population: dict[str, list[str]]  # attribute -> allowed values, all must hold; {} = everyone
     unit: Unit                  # what is randomized
-    arms: list[ArmSpec]         # at least two
+    arms: list[ArmSpec]         # 2 to 20 (registry.MAX_ARMS)
     kind: Kind
     epsilon: float | None       # epsilon_greedy's exploration share (null: 0.05)
     primary_metric: str         # e.g. "click_through"

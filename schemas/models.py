@@ -2,8 +2,9 @@
 
 Written by `clickloop train` (services/model/train.py) once an artifact is
 durable under CLICKLOOP_MODEL_DIR; read by the recommender, which loads the
-newest announcement of the name it serves (and of its shadow model) at start-up
-and hot-swaps on a new one. Compaction keeps the last announcement per name,
+newest announcement that loads and verifies of the name it serves (and of its
+shadow model) at start-up and hot-swaps on a new one; the record key must be the
+announced model's name. Compaction keeps the last announcement per name,
 so a consumer reading the topic from the beginning sees the current model of
 every name. The record says where the artifact is and how to check it; the
 arrays themselves never travel through Kafka.
