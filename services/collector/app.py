@@ -166,10 +166,11 @@ async def _store(request: web.Request, parsed: Parsed, received_at: int) -> web.
 
 async def health(request: web.Request) -> web.Response:
     sink = request.app[SINK]
-    if sink.ready:
+    problem = await sink.probe()
+    if problem is None:
         body, status = {"status": "ok", "kafka": "connected", "partitions": sink.partitions}, 200
     else:
-        body, status = {"status": "unavailable", "kafka": sink.last_error}, 503
+        body, status = {"status": "unavailable", "kafka": problem}, 503
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 

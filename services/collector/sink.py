@@ -26,6 +26,7 @@ from functools import lru_cache
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from schemas.clicks import ClickEvent, partition_of
 from services.collector.metrics import Metrics
@@ -38,6 +39,8 @@ log = logging.getLogger("clickloop.collector")
 MAX_PENDING_EVENTS = 200_000   # events waiting for acks; beyond, answer 503 rather than grow
 PARTITIONS_REFRESH_S = 10.0
 CONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+PROBE_TIMEOUT_S = 2.0   # /health: the broker must answer a metadata request within this
+PROBE_CACHE_S = 1.0     # and is asked at most this often, however often /health is called
 
 
 class Unavailable(RuntimeError):
@@ -69,10 +72,29 @@ class ClickSink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected = asyncio.Event()
         self._failed = False   # a connection attempt failed: answer 503 at once until connected
+        self._probed_at = -PROBE_CACHE_S
+        self._probe_error: str | None = None
 
     @property
     def ready(self) -> bool:
         return self.producer is not None
+
+    async def probe(self) -> str | None:
+        """None when the broker answers a metadata request now, else why not: a broker
+        that went away after the producer connected must not be reported connected."""
+        if self.producer is None:
+            return self.last_error
+        now = time.monotonic()
+        if now - self._probed_at >= PROBE_CACHE_S:
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    await self.producer.client.fetch_all_metadata()
+                self._probe_error = None
+            except (KafkaError, TimeoutError, OSError) as exc:
+                self._probe_error = (f"Kafka at {self.settings.kafka_bootstrap} did not answer "
+                                     f"within {PROBE_TIMEOUT_S:.0f} s: {exc!r}")
+            self._probed_at = time.monotonic()
+        return self._probe_error
 
     async def wait_ready(self, timeout_s: float) -> None:
         """Return once connected. While the first attempt is still under way

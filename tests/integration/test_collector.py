@@ -18,7 +18,7 @@ from services.collector.app import make_app as collector_app
 from services.recommender.app import make_app as recommender_app
 from services.settings import SettingsError
 from streams import topics
-from tests.integration.helpers import consume, read_topic
+from tests.integration.helpers import consume, eventually, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -245,6 +245,33 @@ async def test_kafka_unreachable_answers_503_with_retry_after_never_2xx(csetting
         metrics = await (await client.get("/metrics")).text()
     assert 'clickloop_collector_requests_rejected_total{reason="unavailable"} 1.0' in metrics
     assert 'clickloop_collector_kafka_ready 0.0' in metrics
+
+
+async def test_health_is_503_while_the_broker_does_not_answer(csettings, infra):
+    """Connected once is not connected now: /health asks the broker (a metadata request,
+    at most once a second). The session's broker is paused (SIGSTOP) for a few seconds;
+    nothing else runs meanwhile."""
+    import os
+    import signal
+
+    from services import infra as local
+
+    pid = int(local.kafka_service(infra).pidfile.read_text())
+    async with TestClient(TestServer(collector_app(csettings))) as client:
+        await ready(client)
+        assert (await client.get("/health")).status == 200
+        await asyncio.sleep(1.1)   # past the probe's cache
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            health = await client.get("/health")
+            body = await health.json()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert health.status == 503 and "did not answer" in body["kafka"], body
+        await asyncio.sleep(1.1)
+        again = await eventually(lambda: client.get("/health"), lambda r: r.status == 200,
+                                 timeout_s=30, what="healthy again")
+        assert (await again.json())["kafka"] == "connected"
 
 
 def test_the_collector_refuses_to_start_without_a_write_key(settings):
