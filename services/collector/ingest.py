@@ -125,15 +125,24 @@ def _time(raw: dict, name: str) -> int | None:
         raise IngestError(f"{name} {value!r} is not an ISO-8601 time") from None
 
 
+_EXACT = 2 ** 53   # integers beyond it have no exact float (JSON numbers of JavaScript clients)
+
+
 def _id(raw: dict, name: str) -> str | None:
+    """An id as text. A number must be an integer that JSON carries exactly: `12` and
+    `12.0` are the same user "12", while 1.5 or 123456789012345678901234567890 (read
+    as a float, its digits lost) would be a wrong or shared id."""
     value = raw.get(name)
     if value is None or value == "":
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if value.__class__ is int and -2 ** 63 <= value < 2 ** 63:
         return str(value)
-    raise IngestError(f"{name} must be a string or a number")
+    if value.__class__ is float and value.is_integer() and -_EXACT <= value <= _EXACT:
+        return str(int(value))
+    raise IngestError(f"{name} must be a string or an integer (a number of at most 2^53 when "
+                      f"it is not sent as an integer), not {value!r}")
 
 
 def event_time(received_at: int, original: int | None, sent_at: int | None,

@@ -60,7 +60,8 @@ BAD_EVENTS = [
     ("track with empty event name", {**GOOD, "event": ""}, 'needs an event name'),
     ("no identity", without("userId"), "userId or an anonymousId"),
     ("empty identity", {**GOOD, "userId": "", "anonymousId": None}, "userId or an anonymousId"),
-    ("boolean user id", {**GOOD, "userId": True}, "userId must be a string or a number"),
+    ("boolean user id", {**GOOD, "userId": True}, "userId must be a string or an integer"),
+    ("fractional user id", {**GOOD, "userId": 1.5}, "userId must be a string or an integer"),
     ("bad timestamp", {**GOOD, "timestamp": "yesterday"}, "timestamp 'yesterday' is not an ISO"),
     ("numeric timestamp", {**GOOD, "timestamp": 1700000000}, "timestamp 1700000000 is not an ISO"),
     ("bad originalTimestamp", {**GOOD, "originalTimestamp": "x"}, "originalTimestamp 'x'"),
@@ -309,3 +310,18 @@ def test_inflate_stops_at_the_limit_and_names_what_is_wrong():
         inflate(data, "zstd", 100)
     with pytest.raises(IngestError, match="cannot be read as gzip"):
         inflate(b"\x1f\x8b\x08\x00garbage", "gzip", 100)
+
+
+@pytest.mark.parametrize("value,expected", [
+    (42, "42"), (12.0, "12"), (-7, "-7"), ("abc", "abc"),
+    (1.5, None), (123456789012345678901234567890, None), (2.0 ** 60, None), (True, None),
+])
+def test_numeric_ids_must_be_exact_integers(value, expected):
+    raw = {**GOOD, "userId": "ID"}
+    parsed = parse_request(body(raw).replace(b'"ID"', str(value).encode() if not isinstance(value, str)
+                                             else orjson.dumps(value)).replace(b"True", b"true"),
+                           None, REQ)
+    if expected is None:
+        assert parsed.events == [] and "userId must be a string or an integer" in parsed.rejected[0].error
+    else:
+        assert parsed.events[0]["user_id"] == expected
