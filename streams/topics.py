@@ -82,6 +82,15 @@ ALL = (CLICKS, CLICKS_DLQ, CLICKS_LATE, SESSIONS, SESSIONS_DLQ, SESSIONIZE_STATE
 COMPACTED = frozenset({SESSIONIZE_STATE, FEATURES_STATE, MODELS, EXPERIMENTS, BANDIT_POSTERIORS,
                        ATTRIBUTION_STATE, BANDITS_STATE, CDC_HISTORY_STATE})
 SINGLE_PARTITION = frozenset({EXPERIMENTS})
+# Topic configs beyond the cleanup policy. `models`: compaction leaves every
+# announcement for at least 7 days, so a recommender (re)started after a bad one
+# still finds the previous good version (it serves the newest one that loads).
+CONFIGS = {MODELS: {"min.compaction.lag.ms": str(7 * 24 * 3_600_000)}}
+
+
+def topic_configs(name: str) -> dict[str, str]:
+    """The configs a topic is created with."""
+    return {**({"cleanup.policy": "compact"} if name in COMPACTED else {}), **CONFIGS.get(name, {})}
 
 
 def group_id(settings: Settings, processor: str) -> str:
@@ -102,7 +111,7 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
     try:
         existing = set(await admin.list_topics())
         wanted = [NewTopic(settings.topic(n), 1 if n in SINGLE_PARTITION else settings.partitions, 1,
-                           topic_configs={"cleanup.policy": "compact"} if n in COMPACTED else {})
+                           topic_configs=topic_configs(n))
                   for n in names if settings.topic(n) not in existing]
         if wanted:
             # The broker answers per topic and aiokafka raises for none of them; a topic

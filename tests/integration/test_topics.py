@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streams import topics
 
@@ -23,10 +24,15 @@ async def test_creates_missing_topics_with_their_layout_and_is_idempotent(settin
     try:
         described = {d["topic"]: len(d["partitions"]) for d in
                      await admin.describe_topics([s.topic(n) for n in names])}
+        (models,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC,
+                                                                 s.topic(topics.MODELS))])
     finally:
         await admin.close()
     assert described == {s.topic(topics.CLICKS): 3, s.topic(topics.MODELS): 3,
                          s.topic(topics.EXPERIMENTS): 1}
+    configs = {entry[0]: entry[1] for entry in models.resources[0][4]}
+    assert configs["cleanup.policy"] == "compact"
+    assert configs["min.compaction.lag.ms"] == str(7 * 24 * 3_600_000)
 
 
 async def test_a_topic_the_broker_refuses_is_an_error_with_the_reason(settings):
