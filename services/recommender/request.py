@@ -45,11 +45,22 @@ def _id(query: Mapping[str, str], name: str) -> str | None:
         raise BadRequest(f"{name} is {len(value)} characters long, at most {MAX_ID_CHARS}")
     if not value.isprintable():
         raise BadRequest(f"{name} holds non-printable characters")
+    if "\ufffd" in value:   # what the query decoder makes of bytes that are not UTF-8
+        raise BadRequest(f"{name} is not valid UTF-8 once percent-decoded")
     return value
 
 
+_PARAMETERS = ("user_id", "anonymous_id", "k", "exclude_seen")
+
+
 def parse_query(query: Mapping[str, str]) -> Query:
-    """The request's parameters; BadRequest with the reason when one is missing or wrong."""
+    """The request's parameters; BadRequest with the reason when one is missing or wrong
+    (or given twice: `k=5&k=500` has no one meaning)."""
+    getall = getattr(query, "getall", None)   # a multidict (aiohttp's query) keeps repeats
+    if getall is not None:
+        for name in _PARAMETERS:
+            if len(getall(name, ())) > 1:
+                raise BadRequest(f"{name} is given {len(getall(name))} times: give it once")
     user_id, anonymous_id = _id(query, "user_id"), _id(query, "anonymous_id")
     visitor = user_id or anonymous_id
     if visitor is None:
@@ -58,12 +69,12 @@ def parse_query(query: Mapping[str, str]) -> Query:
     if raw_k is None or raw_k == "":
         k = DEFAULT_K
     else:
-        try:
-            k = int(raw_k)
-        except ValueError:
-            raise BadRequest(f"k={raw_k[:20]!r} is not a whole number") from None
+        # ASCII digits only: int() would also take " 5", "+7", "1_0" and other scripts' digits.
+        if not (raw_k.isascii() and raw_k.isdigit()):
+            raise BadRequest(f"k={raw_k[:20]!r} is not a whole number")
+        k = int(raw_k) if len(raw_k) <= 4 else 0
         if not 1 <= k <= MAX_K:
-            raise BadRequest(f"k={k} must be between 1 and {MAX_K}")
+            raise BadRequest(f"k={raw_k[:20]} must be between 1 and {MAX_K}")
     raw_seen = query.get("exclude_seen")
     if raw_seen is None or raw_seen == "":
         exclude_seen = True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from multidict import MultiDict
 
 from services.recommender.request import BadRequest, Query, in_shadow, parse_query
 
@@ -27,9 +28,17 @@ def test_good_queries(query, expected, why):
     ({}, "give user_id or anonymous_id"),
     ({"k": "3"}, "give user_id or anonymous_id"),
     ({"user_id": "u", "k": "0"}, "k=0 must be between 1 and 100"),
-    ({"user_id": "u", "k": "-1"}, "k=-1 must be between 1 and 100"),
+    ({"user_id": "u", "k": "-1"}, "k='-1' is not a whole number"),
     ({"user_id": "u", "k": "101"}, "k=101 must be between 1 and 100"),
+    ({"user_id": "u", "k": "0005000"}, "k=0005000 must be between 1 and 100"),
     ({"user_id": "u", "k": "2.5"}, "k='2.5' is not a whole number"),
+    ({"user_id": "u", "k": " 5"}, "k=' 5' is not a whole number"),
+    ({"user_id": "u", "k": "+7"}, "k='+7' is not a whole number"),
+    ({"user_id": "u", "k": "1_0"}, "k='1_0' is not a whole number"),
+    ({"user_id": "u", "k": "\u0663"}, "k='\u0663' is not a whole number"),
+    ({"user_id": "\ufffd"}, "user_id is not valid UTF-8 once percent-decoded"),
+    (MultiDict([("user_id", "a"), ("user_id", "b")]), "user_id is given 2 times: give it once"),
+    (MultiDict([("user_id", "a"), ("k", "5"), ("k", "500")]), "k is given 2 times: give it once"),
     ({"user_id": "u", "exclude_seen": "perhaps"}, "exclude_seen='perhaps': use true or false"),
     ({"user_id": "x" * 201}, "user_id is 201 characters long, at most 200"),
     ({"anonymous_id": "a\nb"}, "anonymous_id holds non-printable characters"),
