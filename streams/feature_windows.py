@@ -27,6 +27,7 @@ their snapshots (`Popularity.merge`).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,11 @@ from streams.sessions import SEARCH_EVENTS, event_name
 
 MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 RECENT_MAX = 50
+# A user remembers the CRC-32 of its latest IDS_KEPT message ids: an event seen again
+# (a client's retry of a batch after a 503, the same id twice in a batch) is not
+# counted twice. (A false match needs one of 64 other ids of the same user to share
+# the 32-bit checksum: about 1 in 67 million events.)
+IDS_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,7 @@ class Windows:
     counts: dict[str, dict[int, int]] = field(default_factory=dict)
     last_seen: int | None = None
     recent: list[Recent] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)   # users: checksums of the latest message ids
 
     def add(self, counter: str, ts: int, n: int = 1) -> None:
         """Count n at event time ts."""
@@ -100,6 +107,8 @@ class Windows:
             self.seen(other.last_seen)
         if other.recent:
             self.recent = merge_recent(self.recent, other.recent)
+        if other.ids:
+            self.ids = (self.ids + other.ids)[-IDS_KEPT:]
         return self
 
     def prune(self, watermark: int) -> int:
@@ -132,15 +141,18 @@ class Windows:
 
     def to_state(self) -> dict:
         """Plain JSON-able state: counters as flat [bucket, count, ...] lists."""
-        return {"c": {name: [x for b in sorted(bs) for x in (b, bs[b])]
-                      for name, bs in self.counts.items() if bs},
-                "l": self.last_seen, "r": [list(r) for r in self.recent]}
+        state = {"c": {name: [x for b in sorted(bs) for x in (b, bs[b])]
+                       for name, bs in self.counts.items() if bs},
+                 "l": self.last_seen, "r": [list(r) for r in self.recent]}
+        if self.ids:
+            state["i"] = self.ids
+        return state
 
     @classmethod
     def from_state(cls, state: Mapping) -> "Windows":
         """The inverse of `to_state`."""
         return cls({name: dict(zip(flat[::2], flat[1::2])) for name, flat in state["c"].items()},
-                   state["l"], [(i, a, t) for i, a, t in state["r"]])
+                   state["l"], [(i, a, t) for i, a, t in state["r"]], list(state.get("i", ())))
 
 
 def merge_recent(a: Iterable[Recent], b: Iterable[Recent], limit: int = RECENT_MAX) -> list[Recent]:
@@ -296,24 +308,36 @@ class FeatureBatch:
     popularity: Popularity = field(default_factory=Popularity)
     max_ts: int | None = None
     skipped: int = 0
+    duplicates: int = 0
 
     def _saw(self, ts: int) -> None:
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts = ts
 
-    def add_clicks(self, events: Iterable[ClickEvent]) -> "FeatureBatch":
+    def add_clicks(self, events: Iterable[ClickEvent],
+                   stored: Mapping[str, Windows] | None = None) -> "FeatureBatch":
         """Count a `clicks` record's events; ones that cannot be processed are skipped
-        (the sessionizer dead-letters them, with the reason)."""
+        (the sessionizer dead-letters them, with the reason), and ones whose message id
+        the user's latest ids hold (in this batch or in `stored`, the state the batch
+        will be merged into) are duplicates, not counted."""
         for event in events:
             if event_problem(event) is not None:
                 self.skipped += 1
                 continue
-            ts = event["timestamp"]
-            self._saw(ts)
             visitor = visitor_key(event)
             user = self.users.get(visitor)
+            mid = zlib.crc32(event["message_id"].encode())
+            known = stored.get(visitor) if stored is not None else None
+            if (user is not None and mid in user.ids) or (known is not None and mid in known.ids):
+                self.duplicates += 1
+                continue
+            ts = event["timestamp"]
+            self._saw(ts)
             if user is None:
                 user = self.users[visitor] = Windows()
+            user.ids.append(mid)
+            if len(user.ids) > 2 * IDS_KEPT:
+                del user.ids[:-IDS_KEPT]
             user.seen(ts)
             if event_name(event) in SEARCH_EVENTS:
                 user.add("searches", ts)

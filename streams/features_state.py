@@ -234,7 +234,7 @@ class UserPartition(_Partition):
 
     def add_clicks(self, events: list[ClickEvent], topic: str, next_offset: int) -> None:
         """Fold a `clicks` record's events into the pending delta."""
-        self.pending.add_clicks(events)
+        self.pending.add_clicks(events, self.entities.state)
         self._pending_offsets[topic] = next_offset
         self.pending_events += len(events)
 

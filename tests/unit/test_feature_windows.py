@@ -273,3 +273,25 @@ def test_odd_event_names_and_item_ids_name_nothing_and_never_fail():
     assert [item_of({**ev("u", T0), "properties": {"item_id": v}}) for v in (7, 2.5, True, "")] == \
         ["7", "2.5", "True", None]
     assert item_of({**ev("u", T0), "properties": {"item_id": "", "product_id": "p9"}}) == "p9"
+
+
+def test_a_retried_event_is_counted_once_in_the_batch_and_after_a_flush_and_a_restore():
+    """The collector answers 503, the client retries the batch: the same message ids come
+    again. The sessionizer dedupes them; the features must not count them twice either."""
+    from streams.features_state import UserPartition
+
+    first = [search("u1", T0), ev("u1", T0 + 1, mid="m-view")]
+    part = UserPartition()
+    part.add_clicks(first + [search("u1", T0)], "clicks", 1)       # the same id twice in a batch
+    part.flush()
+    part.add_clicks(first, "clicks", 2)                             # the retry, after a flush
+    part.flush()
+    restored = UserPartition.restore(dict(part.take_dirty()))
+    restored.add_clicks(first + [ev("u2", T0, mid="m-view")], "clicks", 3)   # after a restart
+    restored.flush()
+    w = restored.entities.state["u1"]
+    assert user_features(w, T0 + 1)["activity"]["searches_7d"] == 1
+    assert restored.entities.state["u2"].recent == [("i1", "view", T0)], "another user's id is its own"
+    batch = FeatureBatch().add_clicks([ev("u3", T0 + n, mid=f"m{n}") for n in range(500)])
+    assert len(batch.users["u3"].ids) <= 128 and batch.duplicates == 0
+    assert len(Windows().merge(batch.users["u3"]).ids) == 64
