@@ -30,9 +30,14 @@ def event_problem(event) -> str | None:
     """Why a `clicks` event cannot be processed, or None when it can."""
     if not isinstance(event, dict):
         return "event is not a JSON object"
-    if type(event.get("timestamp")) is not int or not isinstance(event.get("message_id"), str) \
+    ts, user_id = event.get("timestamp"), event.get("user_id")
+    # As the compiled core reads them: a timestamp is a 64-bit integer, and a user_id
+    # that is an object or an array (even an empty one) names no one.
+    if type(ts) is not int or not -2 ** 63 <= ts < 2 ** 63 \
+            or not isinstance(event.get("message_id"), str) \
             or not event["message_id"] or not isinstance(event.get("type"), str) \
-            or not isinstance(event.get("user_id") or event.get("anonymous_id"), str):
+            or isinstance(user_id, (dict, list)) \
+            or not isinstance(user_id or event.get("anonymous_id"), str):
         return "event lacks an integer timestamp, a message_id, a type or a user_id/anonymous_id"
     return None
 

@@ -101,8 +101,13 @@ def item_of(event: ClickEvent) -> str | None:
     props = event.get("properties")
     if props.__class__ is not dict:
         return None
-    item = props.get("item_id") or props.get("product_id")
-    return None if item is None or isinstance(item, (dict, list)) else str(item)
+    item = props.get("item_id")
+    if not isinstance(item, (dict, list)):   # a container, even empty, is chosen and names nothing
+        item = item or props.get("product_id")
+    if item is None or isinstance(item, (dict, list)) \
+            or (item.__class__ is int and not -2 ** 63 <= item < 2 ** 63):   # not a 64-bit integer
+        return None
+    return str(item)
 
 
 def utm_of(context: dict) -> dict[str, str]:

@@ -1,0 +1,59 @@
+"""The compiled sessionizer and the Python processors (features, attribution, training)
+read events by the same rules: which events cannot be processed (`codec.event_problem`)
+and which item an event is about (`sessions.item_of`). Random events built from odd
+values (containers, huge or fractional numbers, booleans, empty strings) are fed to both."""
+from __future__ import annotations
+
+import random
+
+import orjson
+
+from streams.codec import event_problem
+from streams.sessions import PartitionSessions, SessionConfig, item_of
+
+ODD = [None, "", "x", "Product Viewed", "Products Searched", 0, 1, -5, 2 ** 63 - 1, 2 ** 63,
+       1.0, 1.5, 1e20, True, False, [], ["a"], {}, {"a": 1}, "u1", "0"]
+T = 1_780_000_000_000
+
+
+def random_event(rng: random.Random) -> dict:
+    """A processable track event with some fields replaced by odd values."""
+    event = {"message_id": "m1", "type": "track", "event": "Product Viewed", "user_id": "u1",
+             "anonymous_id": "a1", "timestamp": T, "context": {},
+             "properties": {"item_id": "i1", "product_id": "p1"}}
+    for name, odd in (("message_id", ["", None, 5]), ("type", ["page", None, 3]),
+                      ("event", [*ODD, "Product Clicked", "Item Viewed"]), ("user_id", ODD),
+                      ("anonymous_id", ODD), ("timestamp", [1.78e12, "1", None, True, 2 ** 63, -1]),
+                      ("properties", [["i1"], {}, {"product_id": "p1"}])):
+        if rng.random() < 0.25:
+            event[name] = rng.choice(odd)
+    for name in ("item_id", "product_id"):
+        if isinstance(event["properties"], dict) and name in event["properties"] and rng.random() < 0.4:
+            event["properties"][name] = rng.choice(ODD)
+    return event
+
+
+def encoded(event: dict) -> bytes:
+    """The record as JSON (orjson does not write integers from 2**63: spliced in)."""
+    if event["timestamp"] == 2 ** 63:
+        return orjson.dumps({"v": 1, "events": [{**event, "timestamp": "BIG"}]}) \
+            .replace(b'"BIG"', str(2 ** 63).encode())
+    return orjson.dumps({"v": 1, "events": [event]})
+
+
+def test_both_cores_agree_on_bad_events_and_items():
+    rng, items_checked, bad = random.Random(11), 0, 0
+    for _ in range(3_000):
+        event = random_event(rng)
+        part = PartitionSessions(SessionConfig())
+        out = part.process_record(encoded(event), 1)
+        assert bool(out.bad_json) == (event_problem(event) is not None), event
+        if out.bad_json:
+            bad += 1
+            continue
+        closing = {**event, "message_id": "later", "type": "page", "timestamp": 2 * T}
+        (session,) = part.process([closing]).closed
+        expected = [] if item_of(event) is None else [item_of(event)]
+        assert session["items"] == expected, event
+        items_checked += 1
+    assert items_checked > 1_000 and bad > 300
