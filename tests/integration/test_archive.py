@@ -11,6 +11,7 @@ import duckdb
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -32,13 +33,15 @@ def final_files(store: ArchiveStore, topic: str) -> list[str]:
 
 def row_count(store: ArchiveStore, topic: str) -> int:
     """Rows in the topic's final files, from their footers. A file may vanish between the
-    listing and its read: a restarted worker's recovery deletes flushes never committed."""
+    listing and its read: a restarted worker's recovery deletes flushes never committed
+    (a local folder says FileNotFoundError, S3 an OSError naming RESOURCE_NOT_FOUND)."""
     total = 0
     for path in final_files(store, topic):
         try:
             total += pq.read_metadata(path, filesystem=store.fs).num_rows
-        except FileNotFoundError:
-            pass
+        except OSError:
+            if store.fs.get_file_info(path).type != pafs.FileType.NotFound:
+                raise
     return total
 
 
