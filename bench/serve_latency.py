@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve_latency.py [--seconds 30] [--rate 1000] [--max-seconds 10]
     .venv/bin/python bench/serve_latency.py --pause-redis [--seconds 30] [--pause-s 4]
     .venv/bin/python bench/serve_latency.py --profile out.json   # py-spy during the rate run
+    .venv/bin/python bench/serve_latency.py --workers 2          # both servers with 2 processes
 
 Set-up: a private redis-server (so it can be SIGSTOPped without touching the
 shared one), features for `--users` known users and as many anonymous visitors
@@ -17,7 +18,9 @@ its own event loop). 5 % of requests are for visitors without features.
     5 ms, 0 errors);
 (2) maximum throughput (closed loop, `--connections`) of the recommender and of
     an aiohttp hello-world in the same run: `max_rps=… hello_rps=… ratio=…`
-    (target >= 0.6);
+    (target >= 0.6); with `--workers N` both run N processes on their port
+    (the recommender under its supervisor, CLICKLOOP_RECOMMENDER_WORKERS=N; the
+    hello-world as N processes with SO_REUSEPORT), CPU summed over them;
 (3) `--pause-redis`: the rate run with the private Redis SIGSTOPped for
     `--pause-s` seconds a fifth of the way in: p99 <= 30 ms, 0 errors,
     fallback served, the breaker opens and later closes.
@@ -57,7 +60,8 @@ def http_json(port: int, path: str, timeout: float = 2.0) -> dict:
 
 
 def hello_server(port: int) -> None:
-    """The baseline: aiohttp's smallest JSON answer, same server settings."""
+    """The baseline: aiohttp's smallest JSON answer, same server settings (one of
+    `--workers` processes on the port)."""
     from aiohttp import web
 
     async def hello(request: web.Request) -> web.Response:
@@ -65,7 +69,7 @@ def hello_server(port: int) -> None:
 
     app = web.Application()
     app.router.add_get("/hello", hello)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, reuse_port=True)
 
 
 async def seed(settings, redis_url: str, root: Path, users: int, seed: int = 3) -> list[str]:
@@ -121,10 +125,31 @@ def load(port: int, visitors: Path, *mode: str, seconds: float, connections: int
     return orjson.loads(out.strip().splitlines()[-1])
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds so far of processes and their children (/proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:  # gone
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total += cpu_s([int(c) for c in children])
+    return total
+
+
+def worker_pids(port: int, n: int, timeout_s: float = 90) -> set[int]:
+    """The pids of the n workers on the port, once each answers /health with the model."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {len(seen)} of {n} workers ready in {timeout_s} s")
+        health = http_json(port, "/health")  # a connection of its own: any worker
+        if (health["models"]["served"] or {}).get("version"):
+            seen.add(health["worker"]["pid"])
+    return seen
 
 
 def summary(name: str, r: dict) -> str:
@@ -181,6 +206,8 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=0.0,
                         help="draw visitors by a Zipf law of this exponent (default 0: uniform); "
                              "skewed traffic is what the hot-key cache is for")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes of the recommender and of the hello-world (default 1)")
     parser.add_argument("--hello-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     ZIPF[1] = str(args.zipf)
@@ -202,13 +229,14 @@ def main() -> None:
         port = free_port()
         env = {**os.environ, **settings.as_env(), "CLICKLOOP_REDIS_URL": redis.url,
                "CLICKLOOP_RECOMMENDER_PORT": str(port), "CLICKLOOP_MODEL_DIR": str(work / "models"),
-               "CLICKLOOP_LOG_LEVEL": "warning"}
+               "CLICKLOOP_LOG_LEVEL": "warning", "CLICKLOOP_RECOMMENDER_WORKERS": str(args.workers)}
         rec = start_service([PYTHON, "-m", "services.cli", "serve", "recommender"], env,
                             work / "recommender.log", port,
                             lambda p: (http_json(p, "/health")["models"]["served"] or {}).get("version"))
         procs.append(rec)
-        print(f"recommender pid {rec.pid} on port {port}: {http_json(port, '/health')['models']}",
-              flush=True)
+        pids = worker_pids(port, args.workers)
+        print(f"recommender pid {rec.pid} ({args.workers} workers: {sorted(pids)}) on port {port}: "
+              f"{http_json(port, '/health')['models']}", flush=True)
         warm = load(port, vfile, "--rate", "500", seconds=3, connections=32)
         print(summary("warm-up", warm), flush=True)
 
@@ -218,12 +246,12 @@ def main() -> None:
         spy = None
         if args.profile:
             spy = subprocess.Popen([str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(rec.pid), "--rate", "500",
-                                    "--nonblocking", "--format", "speedscope", "-o", args.profile, "--duration",
+                                    "--nonblocking", "--subprocesses", "--format", "speedscope", "-o", args.profile, "--duration",
                                     str(int(args.seconds))],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cpu0 = cpu_s(rec.pid)
+        cpu0 = cpu_s([rec.pid])
         steady = load(port, vfile, "--rate", str(args.rate), seconds=args.seconds, connections=64)
-        cpu = cpu_s(rec.pid) - cpu0
+        cpu = cpu_s([rec.pid]) - cpu0
         if spy is not None:
             spy.wait(timeout=120)
         print(summary(f"rate {args.rate:.0f}/s", steady), flush=True)
@@ -243,9 +271,9 @@ def main() -> None:
         print("metrics: " + "; ".join(gc_lines), flush=True)
 
         if not args.skip_max:
-            cpu0 = cpu_s(rec.pid)
+            cpu0 = cpu_s([rec.pid])
             best = load(port, vfile, "--max", seconds=args.max_seconds, connections=args.connections)
-            cpu = cpu_s(rec.pid) - cpu0
+            cpu = cpu_s([rec.pid]) - cpu0
             print(summary("recommender max", best), flush=True)
             print(f"recommender CPU: {cpu:.2f} s in {best['seconds']:.1f} s, "
                   f"{cpu / best['requests'] * 1e6:.0f} µs per request", flush=True)
@@ -254,15 +282,17 @@ def main() -> None:
             rec.terminate()
             rec.wait(timeout=30)
             hport = free_port()
-            hello = start_service([PYTHON, str(Path(__file__).resolve()), "--hello-server", str(hport)],
-                                  dict(os.environ), work / "hello.log", hport,
-                                  lambda p: urllib.request.urlopen(
-                                      f"http://127.0.0.1:{p}/hello", timeout=1).status == 200)
-            procs.append(hello)
-            cpu0 = cpu_s(hello.pid)
+            hellos = [start_service([PYTHON, str(Path(__file__).resolve()), "--hello-server",
+                                     str(hport)], dict(os.environ), work / "hello.log", hport,
+                                    lambda p: urllib.request.urlopen(
+                                        f"http://127.0.0.1:{p}/hello", timeout=1).status == 200)
+                      for _ in range(args.workers)]
+            procs.extend(hellos)
+            time.sleep(1.0)  # the last one bound before it was asked: let it start serving
+            cpu0 = cpu_s([h.pid for h in hellos])
             base = load(hport, vfile, "--max", seconds=args.max_seconds,
                         connections=args.connections, path="/hello")
-            cpu = cpu_s(hello.pid) - cpu0
+            cpu = cpu_s([h.pid for h in hellos]) - cpu0
             print(summary("aiohttp hello-world max", base), flush=True)
             print(f"hello-world CPU: {cpu:.2f} s in {base['seconds']:.1f} s, "
                   f"{cpu / base['requests'] * 1e6:.0f} µs per request", flush=True)

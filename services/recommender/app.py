@@ -29,11 +29,13 @@ from services.recommender.request import BadRequest, parse_query
 from services.recommender.service import Answer, Recommender, breaker_config
 from services.settings import Settings, SettingsError
 from services.tasks import cancel_and_wait
+from services.workers import WORKERS_ENV, worker_index
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 RECOMMENDER = web.AppKey("recommender", Recommender)
 MAX_REQUEST_ID = 100
+GAUGES_EVERY_S = 1.0
 NEVER = 1 << 30   # an older generation's threshold that is never reached
 _JSON = "application/json"
 
@@ -103,7 +105,10 @@ async def recommendations(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps(request.app[RECOMMENDER].health()), content_type=_JSON)
+    report = request.app[RECOMMENDER].health()
+    report["worker"] = {"pid": os.getpid(), "index": worker_index() or 0,
+                        "of": int(os.environ.get(WORKERS_ENV) or 1)}
+    return web.Response(body=orjson.dumps(report), content_type=_JSON)
 
 
 async def experiments(request: web.Request) -> web.Response:
@@ -194,6 +199,13 @@ class GcPolicy:
 GC = web.AppKey("gc", GcPolicy)
 
 
+async def _refresh_gauges(app: web.Application) -> None:
+    """With several workers, any one answers /metrics: each keeps its gauges current."""
+    while True:
+        app[RECOMMENDER].refresh_metrics()
+        await asyncio.sleep(GAUGES_EVERY_S)
+
+
 def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
     try:
         breaker_config(settings)
@@ -215,7 +227,10 @@ def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
         gc.freeze()
         watch = gc_watch(app[METRICS])
         app[GC].start()
+        gauges = (asyncio.get_running_loop().create_task(_refresh_gauges(app), name="gauges")
+                  if app[METRICS].multiprocess_dir else None)
         yield
+        await cancel_and_wait(gauges)
         await app[GC].stop()
         gc.callbacks.remove(watch)
         await app[RECOMMENDER].stop()

@@ -320,14 +320,13 @@ class Recommender:
             m.catch_up(m.breaker_opened, dep, snap.opened_count)
             m.catch_up(m.breaker_rejected, dep, snap.rejected)
             m.breaker_error_rate.labels(dep).set(snap.error_rate)
-        m.model_info.clear()
-        for role, name in (("served", self.settings.model_name), ("shadow", self.settings.shadow_model)):
-            if name and (model := self.watcher.current.get(name)) is not None:
-                m.model_info.labels(role, model.name, model.version).set(1)
-        m.posterior_version.clear()
-        for e in self.allocation.live:
-            if e.version is not None:
-                m.posterior_version.labels(e.id).set(e.version)
+        m.set_series(m.model_info, {
+            (role, model.name, model.version): 1
+            for role, name in (("served", self.settings.model_name),
+                               ("shadow", self.settings.shadow_model))
+            if name and (model := self.watcher.current.get(name)) is not None}, gone=0)
+        m.set_series(m.posterior_version, {(e.id,): e.version for e in self.allocation.live
+                                           if e.version is not None}, gone=-1)
         if self.popular is not None:
             m.popular_items.set(len(self.popular.items))
             age = self.popular.age_ms()

@@ -1,0 +1,189 @@
+"""Several worker processes behind one HTTP port: a small supervisor.
+
+One Python process serves on one core (the GIL), so `clickloop serve
+recommender` with `CLICKLOOP_RECOMMENDER_WORKERS=N` runs N copies of the
+service, each its own process with its own event loop, model copy, breakers,
+hot-key cache, Kafka consumers and exposure producer, all listening on the
+same port with SO_REUSEPORT: the kernel spreads new connections over them by
+a hash of the connection's addresses (one shared accepting socket would not:
+asyncio accepts a whole backlog per wake-up, so the first worker awake took
+every connection of a burst).
+
+The supervisor (`supervise`) serves nothing itself. It starts the workers,
+restarts one that exits while the service is up (after a back-off that
+doubles while workers keep dying young, `next_restart`; five quick deaths in
+a row mean the service cannot start, so it stops everything and exits 1
+instead of looping), and on SIGTERM or SIGINT passes SIGTERM on and waits
+for every worker to finish its shutdown (exposures flushed) before it exits.
+
+Metrics: the workers' Prometheus values live in memory-mapped files in one
+directory (prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`,
+a fresh directory per start), so `/metrics` from any worker sums the
+counters and histograms of all of them, dead ones included (a restart never
+makes a counter go back), and shows each live worker's gauges with a `pid`
+label. `/health` is the answering worker's own view (its breakers, its
+model), with its pid and index.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+WORKER_INDEX_ENV = "CLICKLOOP_WORKER_INDEX"   # set in a worker: bind with SO_REUSEPORT, never fork
+WORKERS_ENV = "CLICKLOOP_WORKERS_OF"          # how many workers the supervisor runs
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when imported
+QUICK_EXIT_S = 10.0     # a worker that exits sooner than this after its start died young
+MAX_QUICK_EXITS = 5     # in a row: give up
+FIRST_DELAY_S = 0.5
+MAX_DELAY_S = 10.0
+STOP_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1    # <linux/prctl.h>
+
+
+def worker_count(configured: int) -> int:
+    """`configured` workers; 0 means one per CPU this process may run on."""
+    if configured > 0:
+        return configured
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_index() -> int | None:
+    """This process's index among the supervisor's workers; None outside a supervisor."""
+    raw = os.environ.get(WORKER_INDEX_ENV)
+    return int(raw) if raw not in (None, "") else None
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    delay_s: float | None   # None: give up
+    quick_exits: int        # deaths in a row, each soon after its start
+
+
+def next_restart(quick_exits: int, lived_s: float) -> Restart:
+    """What to do when a worker exits after `lived_s` seconds, `quick_exits` young deaths
+    before it (pure): restart at once after a long life, else after a doubling delay, and
+    give up after MAX_QUICK_EXITS young deaths in a row."""
+    if lived_s >= QUICK_EXIT_S:
+        return Restart(0.0, 0)
+    quick = quick_exits + 1
+    if quick >= MAX_QUICK_EXITS:
+        return Restart(None, quick)
+    return Restart(min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** (quick - 1)), quick)
+
+
+@dataclass(slots=True)
+class _Worker:
+    index: int
+    proc: subprocess.Popen
+    started: float
+    quick_exits: int = 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def supervise(name: str, command: list[str], n: int, env: dict[str, str],
+              log=_say) -> int:
+    """Run `command` as `n` workers until SIGTERM/SIGINT or until they cannot start."""
+    own_dir = not env.get(METRICS_DIR_ENV)
+    metrics_dir = tempfile.mkdtemp(prefix=f"clickloop-{name}-metrics-") if own_dir \
+        else env[METRICS_DIR_ENV]
+    if not own_dir:  # a directory the operator chose: last run's files would be summed in
+        os.makedirs(metrics_dir, exist_ok=True)
+        for f in os.listdir(metrics_dir):
+            if f.endswith(".db"):
+                os.remove(os.path.join(metrics_dir, f))
+    base = {**env, METRICS_DIR_ENV: metrics_dir, WORKERS_ENV: str(n)}
+
+    def spawn(index: int, quick_exits: int = 0) -> _Worker:
+        # A session of its own: Ctrl-C in a terminal reaches the supervisor alone, which
+        # stops each worker once; the parent-death signal stops a worker whose supervisor
+        # was killed outright, so no orphan keeps serving on the port.
+        proc = subprocess.Popen(command, env={**base, WORKER_INDEX_ENV: str(index)},
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        return _Worker(index, proc, time.monotonic(), quick_exits)
+
+    stopping = False
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    workers = [spawn(i) for i in range(n)]
+    log(f"[{name}] {n} workers: pids {' '.join(str(w.proc.pid) for w in workers)}")
+    pending: dict[int, tuple[float, int]] = {}   # index -> (restart at, quick exits)
+    code = 0
+    try:
+        while not stopping:
+            now = time.monotonic()
+            for i, w in enumerate(workers):
+                if w is None or w.proc.poll() is None:
+                    continue
+                _forget(w.proc.pid, metrics_dir)
+                decision = next_restart(w.quick_exits, now - w.started)
+                if decision.delay_s is None:
+                    log(f"[{name}] worker {w.index} exited with {w.proc.returncode} "
+                        f"{decision.quick_exits} times in a row within {QUICK_EXIT_S:.0f} s of "
+                        "its start: stopping")
+                    stopping, code = True, 1
+                    break
+                log(f"[{name}] worker {w.index} (pid {w.proc.pid}) exited with "
+                    f"{w.proc.returncode}; restarting in {decision.delay_s:.1f} s")
+                workers[i] = None  # type: ignore[call-overload]
+                pending[i] = (now + decision.delay_s, decision.quick_exits)
+            for i, (at, quick) in list(pending.items()):
+                if not stopping and now >= at:
+                    del pending[i]
+                    workers[i] = spawn(i, quick)
+                    log(f"[{name}] worker {i} restarted: pid {workers[i].proc.pid}")
+            time.sleep(0.2)
+    finally:
+        live = [w.proc for w in workers if w is not None and w.proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"[{name}] worker pid {proc.pid} still running after "
+                    f"{STOP_TIMEOUT_S:.0f} s: killed")
+                proc.kill()
+                proc.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if own_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return code
+
+
+def _die_with_parent() -> None:
+    """In the forked child before exec: SIGTERM when the supervisor dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own stop still applies
+        pass
+
+
+def _forget(pid: int, metrics_dir: str) -> None:
+    """A dead worker's live gauges leave /metrics (its counters stay in the sums)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)
+
+
+def serve_command(service: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "serve", service]
