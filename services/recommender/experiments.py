@@ -284,20 +284,22 @@ class ExperimentFeed:
         self.posteriors: dict[str, dict] = {}
         self.refused = 0           # registry records refused (the reason is logged)
         self.bad = 0               # unreadable records
-        self.last_error: str | None = None
+        self.record_error: str | None = None   # the last record not folded, or NOT_APPLIED
         self.updates = 0
         self.unapplied = 0         # running experiments that an update could not apply
         # The broker answers a fetch as soon as records arrive; the wait only bounds idle
         # polls (50 ms made 20 fetches a second to decode on the serving loop, ~1 % of
         # its CPU at saturation; bench/bandit.py propagation stays ~1 s either way).
         self._follower = TopicFollower(settings, (topics.EXPERIMENTS, topics.BANDIT_POSTERIORS),
-                                       self.fold, self._apply, self._error, "experiments feed",
+                                       self.fold, self._apply, "experiments feed",
                                        fetch_max_wait_ms=500)
         self.caught_up = self._follower.caught_up
         self.topics = self._follower.topics      # (experiments, bandit.posteriors), prefixed
 
-    def _error(self, message: str) -> None:
-        self.last_error = message
+    @property
+    def last_error(self) -> str | None:
+        """The feed being down (until it is back), and the last record error."""
+        return " | ".join(e for e in (self._follower.error, self.record_error) if e) or None
 
     def fold(self, records) -> bool:
         """Fold a batch of records; True when the registry or a posterior changed."""
@@ -309,7 +311,7 @@ class ExperimentFeed:
                 # alone is lost. Raised, it would fail the feed, which would reopen, read it
                 # again and fail again, and no experiment on the surface would be allocated.
                 self.bad += 1
-                self.last_error = f"{r.topic}[{r.partition}]@{r.offset}: {exc!r}"
+                self.record_error = f"{r.topic}[{r.partition}]@{r.offset}: {exc!r}"
                 log.exception("%s[%d]@%d: not folded", r.topic, r.partition, r.offset)
         return changed
 
@@ -351,9 +353,9 @@ class ExperimentFeed:
         failed = self.allocation.not_applied
         self.unapplied += len(failed)
         if failed:
-            self.last_error = NOT_APPLIED + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
-        elif self.last_error is not None and self.last_error.startswith(NOT_APPLIED):
-            self.last_error = None  # stopped or fixed since: the error no longer holds
+            self.record_error = NOT_APPLIED + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+        elif self.record_error is not None and self.record_error.startswith(NOT_APPLIED):
+            self.record_error = None  # stopped or fixed since: the error no longer holds
 
     async def start(self, wait_s: float) -> None:
         if not await self._follower.start(wait_s):

@@ -4,8 +4,9 @@ No consumer group: a subscription then gets every partition, from the beginning,
 read committed (the writers use transactions). `start` catches up to the end
 offsets seen at start-up, folding every record, then applies once; afterwards
 each batch is folded and applied when the fold says something changed. Kafka
-going away never stops the service: the error is reported, the consumer
-reopened a second later, and the holder keeps serving what it has.
+going away never stops the service: the error is reported (`error`, until the
+consumer is back and caught up again), the consumer reopened a second later, and
+the holder keeps serving what it has.
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ Apply = Callable[[], Awaitable[None] | None]       # make the folded state curre
 
 class TopicFollower:
     def __init__(self, settings: Settings, names: tuple[str, ...], fold: Fold, apply: Apply,
-                 on_error: Callable[[str], None], what: str, fetch_max_wait_ms: int = 200) -> None:
+                 what: str, fetch_max_wait_ms: int = 200) -> None:
         self.settings, self.names = settings, names
         self.topics = tuple(settings.topic(n) for n in names)
-        self._fold, self._apply, self._on_error = fold, apply, on_error
+        self._fold, self._apply = fold, apply
+        self.error: str | None = None   # why the feed is down now; None while it runs
         self.what, self.fetch_max_wait_ms = what, fetch_max_wait_ms
         self.caught_up = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
@@ -74,6 +76,7 @@ class TopicFollower:
                 if self._consumer is None:
                     self._consumer = await self._open()
                     await self._catch_up(self._consumer)
+                    self.error = None
                 self.caught_up.set()
                 while True:
                     changed = False
@@ -84,7 +87,7 @@ class TopicFollower:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Kafka away, metadata errors: retry, keep serving
-                self._on_error(f"{self.what}: {exc!r}")
+                self.error = f"{self.what}: {exc!r}"
                 log.warning("%s unavailable, retrying: %r", self.what, exc)
                 if self._consumer is not None:
                     consumer, self._consumer = self._consumer, None

@@ -181,16 +181,21 @@ class ModelWatcher:
         self.settings = settings
         self.names = frozenset(n for n in names if n)
         self.current: dict[str, ServedModel] = {}
-        self.last_error: str | None = None
         self.on_event = on_event   # (model name, "loaded" | "failed") for metrics
         self._pending = Candidates(self.names)   # folded, not yet tried
         self._unreadable: list[str] = []         # records `_fold` refused since the last load:
         self._unreadable_count = 0               # the newest ERRORS_SHOWN, and how many
+        self._refusals: dict[str | None, str] = {}   # name (None: unreadable) -> its report
         self._follower = TopicFollower(settings, (topics.MODELS,), self._fold, self._load_pending,
-                                       self._error, "models topic")
+                                       "models topic")
 
-    def _error(self, message: str) -> None:
-        self.last_error = message
+    @property
+    def last_error(self) -> str | None:
+        """What /health shows as `model_error`: the feed being down, and per name the
+        refusals since its last successful load (unreadable records: until a model loads
+        after them)."""
+        parts = [self._follower.error, *self._refusals.values()]
+        return " | ".join(p for p in parts if p) or None
 
     def get(self, name: str) -> ServedModel | None:
         return self.current.get(name)
@@ -199,7 +204,7 @@ class ModelWatcher:
         """Load and swap in, per name, the newest candidate `_fold` found that loads and
         verifies (artifact reads in a thread). Candidates are newer than the model served,
         except after a reconnect re-reads the topic: the one served then stops the search."""
-        reports = []
+        loaded = False
         for name, anns in self._pending.take().items():
             have = self.current.get(name)
             refused: list[str] = []   # newest first
@@ -216,18 +221,20 @@ class ModelWatcher:
                     continue
                 self.current[name] = model  # the swap: requests pick up the new reference
                 self.on_event(name, "loaded")
+                self._refusals.pop(name, None)
+                loaded = True
                 log.info("serving %s %s (%d items) loaded in %.0f ms", name, ann.version,
                          len(model.catalogue.ids), (time.perf_counter() - t0) * 1000)
                 break
             if refused:
-                reports.append(refusals(refused, len(refused), self.current.get(name)))
+                self._refusals[name] = refusals(refused, len(refused), self.current.get(name))
                 if self.current.get(name) is have:
                     log.error("%s: kept %s", name, have.version if have else "no model")
         if self._unreadable:
-            reports.append(refusals(self._unreadable[::-1], self._unreadable_count, None))
+            self._refusals[None] = refusals(self._unreadable[::-1], self._unreadable_count, None)
             self._unreadable, self._unreadable_count = [], 0
-        if reports:
-            self.last_error = " | ".join(reports)
+        elif loaded:
+            self._refusals.pop(None, None)
 
     def _fold(self, records) -> bool:
         """Every announcement of a served name in a batch (tried by `_load_pending`)."""

@@ -151,3 +151,19 @@ def test_a_model_with_factors_that_are_not_finite_is_refused(tmp_path, array, va
     with pytest.raises(ModelError, match="not all finite"):
         ServedModel(artifacts.read(art.path))
     assert ServedModel(artifacts.read(good.path)).version == "v1"
+
+
+async def test_a_refusal_leaves_model_error_once_a_newer_model_loads(tmp_path):
+    """model_error tells what is wrong now: a name's refusals go when a later announcement
+    of it loads, unreadable records when any model loads after them."""
+    v1 = random_model(tmp_path, "als", "v1", n_items=30, factors=4, n_users=5, seed=1)
+    v3 = random_model(tmp_path, "als", "v3", n_items=30, factors=4, n_users=5, seed=3)
+    w = watcher(tmp_path)
+    w._fold([record(0, announced(v1))])
+    await w._load_pending()
+    w._fold([record(1, ann(version="v2", path="/nowhere/als/v2")), record(2, b"not json")])
+    await w._load_pending()
+    assert "als v2" in w.last_error and "unreadable announcement" in w.last_error
+    w._fold([record(3, announced(v3))])
+    await w._load_pending()
+    assert w.get("als").version == "v3" and w.last_error is None
