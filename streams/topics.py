@@ -4,12 +4,21 @@ Every topic is created explicitly with the configured partition count before
 anything reads or writes it: Faust refuses a table whose changelog and source
 topic disagree on partitions, and an auto-created topic would silently get the
 broker's default.
+
+The configs clickloop declares for a topic (`topic_configs`: compaction for
+changelogs and compacted feeds, the models topic's compaction lag) are also
+brought up to date on topics that already exist, so an upgrade or a topic made
+by hand gets them (`config_changes` says what falls short; a stricter setting
+already there is kept, and every other config of the topic is left as it is).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from services.settings import Settings
@@ -93,6 +102,70 @@ def topic_configs(name: str) -> dict[str, str]:
     return {**({"cleanup.policy": "compact"} if name in COMPACTED else {}), **CONFIGS.get(name, {})}
 
 
+# Declared configs met by a value other than the declared one: a cleanup policy that
+# includes the declared ones ("compact,delete" keeps compacting), a lag at least as long.
+_AT_LEAST = frozenset({"min.compaction.lag.ms"})
+_DYNAMIC_TOPIC_CONFIG = 1   # DescribeConfigs' config source of a topic's own setting
+log = logging.getLogger("clickloop.topics")
+
+
+def config_changes(declared: Mapping[str, str], current: Mapping[str, str | None]
+                   ) -> dict[str, tuple[str | None, str]]:
+    """The declared configs a topic's current ones fall short of: name -> (current,
+    declared). Pure."""
+    out = {}
+    for name, want in declared.items():
+        have = current.get(name)
+        if have is not None:
+            if name == "cleanup.policy":
+                if set(want.split(",")) <= {p.strip() for p in have.split(",")}:
+                    continue
+            elif name in _AT_LEAST:
+                try:
+                    if int(have) >= int(want):
+                        continue
+                except ValueError:
+                    pass
+            elif have == want:
+                continue
+        out[name] = (have, want)
+    return out
+
+
+async def _bring_configs_up_to_date(admin: AIOKafkaAdminClient, declared: dict[str, dict[str, str]]
+                                    ) -> None:
+    """Alter the existing topics in `declared` (name -> configs) that fall short of them."""
+    if not declared:
+        return
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, name) for name in declared])
+    for response in responses:
+        for code, message, _, name, entries in response.resources:
+            if code:
+                log.error("topic %s: configs not readable (error %d: %s); not checked", name,
+                          code, message)
+                continue
+            current = {e[0]: e[1] for e in entries}
+            changes = config_changes(declared[name], current)
+            if not changes:
+                continue
+            own = {e[0]: e[1] for e in entries if e[3] == _DYNAMIC_TOPIC_CONFIG}
+            if any(e[4] for e in entries if e[3] == _DYNAMIC_TOPIC_CONFIG) or None in own.values():
+                log.error("topic %s needs %s but holds a secret config this client cannot "
+                          "carry over: alter it by hand", name, changes)
+                continue
+            # AlterConfigs sets a topic's whole config: its own settings, then ours.
+            wanted = {**own, **{k: want for k, (_, want) in changes.items()}}
+            result = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name,
+                                                               configs=wanted)])
+            errors = [(c, m) for r in result for c, m, *_ in r.resources if c]
+            what = ", ".join(f"{k} {have!r} -> {want!r}" for k, (have, want) in changes.items())
+            if errors:  # no Alter permission, say: the topic works, short of what was declared
+                log.error("topic %s: could not set %s: %s", name, what, errors)
+            else:
+                log.warning("topic %s: set %s", name, what)
+
+
 def group_id(settings: Settings, processor: str) -> str:
     """The consumer group (and Faust app id) of a processor."""
     return f"{settings.prefix}clickloop-{processor}"
@@ -104,7 +177,8 @@ class TopicCreationError(KafkaError):
 
 
 async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> None:
-    """Create the missing topics of `names` (prefixed), with `settings.partitions` each."""
+    """Create the missing topics of `names` (prefixed), with `settings.partitions` each,
+    and bring the declared configs of the existing ones up to date."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
                                 request_timeout_ms=15000)
     await admin.start()
@@ -113,6 +187,9 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
         wanted = [NewTopic(settings.topic(n), 1 if n in SINGLE_PARTITION else settings.partitions, 1,
                            topic_configs=topic_configs(n))
                   for n in names if settings.topic(n) not in existing]
+        await _bring_configs_up_to_date(admin, {
+            settings.topic(n): topic_configs(n) for n in names
+            if settings.topic(n) in existing and topic_configs(n)})
         if wanted:
             # The broker answers per topic and aiokafka raises for none of them; a topic
             # that already exists (another process won the race) is what we wanted.

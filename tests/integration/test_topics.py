@@ -40,3 +40,39 @@ async def test_a_topic_the_broker_refuses_is_an_error_with_the_reason(settings):
     with pytest.raises(topics.TopicCreationError) as err:
         await topics.ensure_topics(bad, (topics.CLICKS,))
     assert bad.topic(topics.CLICKS) in str(err.value) and "error" in str(err.value)
+
+
+async def _configs(admin, name: str) -> dict[str, str]:
+    (described,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+    return {entry[0]: entry[1] for entry in described.resources[0][4]}
+
+
+async def test_existing_topics_get_the_declared_configs_and_keep_their_own(settings, caplog):
+    """A deployment from before a config was declared (or a topic made by hand): the models
+    topic without its compaction lag, a changelog with the delete policy. ensure_topics
+    brings both up to date, keeps their other settings, and changes nothing the next time."""
+    from aiokafka.admin import NewTopic
+
+    models, changelog = settings.topic(topics.MODELS), settings.topic(topics.FEATURES_STATE)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([
+            NewTopic(models, 1, 1, topic_configs={"cleanup.policy": "compact",
+                                                  "retention.ms": "86400000"}),
+            NewTopic(changelog, 1, 1, topic_configs={"max.message.bytes": "2000000"})])
+        await asyncio.sleep(0.5)
+        caplog.set_level("WARNING", logger="clickloop.topics")
+        await topics.ensure_topics(settings, (topics.MODELS, topics.FEATURES_STATE))
+        m, c = await _configs(admin, models), await _configs(admin, changelog)
+        assert m["min.compaction.lag.ms"] == str(7 * 24 * 3_600_000)
+        assert m["cleanup.policy"] == "compact" and m["retention.ms"] == "86400000"
+        assert c["cleanup.policy"] == "compact" and c["max.message.bytes"] == "2000000"
+        changed = [r.getMessage() for r in caplog.records if r.name == "clickloop.topics"]
+        assert len(changed) == 2 and any("min.compaction.lag.ms" in x for x in changed) \
+            and any("'delete' -> 'compact'" in x for x in changed), changed
+        caplog.clear()
+        await topics.ensure_topics(settings, (topics.MODELS, topics.FEATURES_STATE))
+        assert not [r for r in caplog.records if r.name == "clickloop.topics"]
+    finally:
+        await admin.close()
