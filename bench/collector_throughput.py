@@ -1,12 +1,14 @@
 """Collector throughput against a raw aiokafka producer, same events, same run.
 
     .venv/bin/python bench/collector_throughput.py [--events N] [--batch 100] [--concurrency 16]
+                                                   [--workers N]
 
 (a) Starts the real collector (`clickloop serve collector`, its own process)
 and posts N synthetic Segment events in batches of `--batch` from a load
 generator in a third process (bench/_load.py); collector_eps counts events
 answered 200, i.e. acknowledged by the broker (acks=all, idempotent producer),
-from the first request to the last answer.
+from the first request to the last answer. `--workers N`: the collector runs
+N processes on its port (CLICKLOOP_COLLECTOR_WORKERS).
 (b) Sends the same N events, enriched as the collector enriches them, with a
 raw aiokafka producer (acks=all, idempotent, linger 5 ms, 256 KB batches), one
 record per event keyed by visitor: the best a Python producer does without
@@ -41,16 +43,19 @@ RAW_TOPIC = "clicks.rawbench"
 HERE = Path(__file__).resolve().parent
 
 
-def start_collector(settings, port: int) -> subprocess.Popen:
+def start_collector(settings, port: int, workers: int = 1) -> subprocess.Popen:
     env = {**os.environ, **settings.as_env(), "CLICKLOOP_COLLECTOR_PORT": str(port),
-           "CLICKLOOP_WRITE_KEYS": KEY}
+           "CLICKLOOP_WRITE_KEYS": KEY, "CLICKLOOP_COLLECTOR_WORKERS": str(workers)}
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "collector"], env=env)
+    ready: set[int] = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
                 if resp.status == 200:
-                    return proc
+                    ready.add(orjson.loads(resp.read())["worker"]["pid"])
+                    if len(ready) == workers:  # each worker's producer connected
+                        return proc
         except OSError:
             pass
         if proc.poll() is not None:
@@ -60,9 +65,9 @@ def start_collector(settings, port: int) -> subprocess.Popen:
     raise SystemExit("collector did not become healthy in 60 s")
 
 
-def collector_run(settings, events: int, batch: int, concurrency: int) -> float:
+def collector_run(settings, events: int, batch: int, concurrency: int, workers: int) -> float:
     port = free_port()
-    proc = start_collector(settings, port)
+    proc = start_collector(settings, port, workers)
     try:
         out = subprocess.run([sys.executable, str(HERE / "_load.py"),
                               "--url", f"http://127.0.0.1:{port}/v1/batch", "--key", KEY,
@@ -106,14 +111,15 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=100, help="events per request")
     parser.add_argument("--concurrency", type=int, default=16, help="load generator connections")
+    parser.add_argument("--workers", type=int, default=1, help="collector processes (default 1)")
     args = parser.parse_args()
     settings = bench_settings()
     asyncio.run(ensure_topics(settings, (topics.CLICKS, topics.CLICKS_DLQ, RAW_TOPIC)))
-    collector = collector_run(settings, args.events, args.batch, args.concurrency)
+    collector = collector_run(settings, args.events, args.batch, args.concurrency, args.workers)
     print(f"collector (HTTP → enriched → acks=all): {collector:,.0f} events/s", flush=True)
     raw = asyncio.run(raw_run(settings, args.events))
     print(f"raw aiokafka producer, one record per event: {raw:,.0f} events/s", flush=True)
-    print(f"events={args.events} collector_eps={collector:.0f} raw_eps={raw:.0f} "
+    print(f"workers={args.workers} events={args.events} collector_eps={collector:.0f} raw_eps={raw:.0f} "
           f"ratio={collector / raw:.2f}")
 
 

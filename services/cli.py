@@ -57,37 +57,40 @@ def _local_write_key(settings: Settings, create: bool) -> str | None:
 def _serve(service: str, settings: Settings) -> None:
     from aiohttp import web
 
-    reuse_port = False
+    from services.workers import serve_command, supervise, worker_count, worker_index
 
+    workers = 1
     if service == "collector":
         from services.collector.app import check, make_app
         try:
             check(settings)
         except SettingsError as exc:
             raise SystemExit(f"clickloop: configuration error: {exc}") from None
-        host, port = settings.collector_host, settings.collector_port
+        host, port, workers = settings.collector_host, settings.collector_port, \
+            worker_count(settings.collector_workers)
+        port_field = "collector_port"
     elif service == "recommender":
         from services.recommender.app import make_app
-        from services.workers import serve_command, supervise, worker_count, worker_index
-        host, port = settings.recommender_host, settings.recommender_port
-        n = worker_count(settings.recommender_workers)
-        if worker_index() is not None:
-            reuse_port = True
-        elif n > 1:  # this process supervises; the workers serve
-            if port == 0:  # every worker must bind the same port
-                from services.infra import free_port
-                port = free_port(host)
-            env = {**os.environ, **dataclasses.replace(settings, recommender_port=port).as_env()}
-            print(f"[{service}] listening on http://{host}:{port} with {n} workers", flush=True)
-            raise SystemExit(supervise(service, serve_command(service), n, env))
+        host, port, workers = settings.recommender_host, settings.recommender_port, \
+            worker_count(settings.recommender_workers)
+        port_field = "recommender_port"
     elif service == "experiments":
         from services.experiments.api.app import make_app
         host, port = settings.experiments_host, settings.experiments_port
     else:
         raise SystemExit(f"unknown service {service!r}; choose collector, recommender or experiments")
-    print(f"[{service}] listening on http://{host}:{port}", flush=True)
+    index = worker_index()
+    if index is None and workers > 1:  # this process supervises; the workers serve
+        if port == 0:  # every worker must bind the same port
+            from services.infra import free_port
+            port = free_port(host)
+        env = {**os.environ, **dataclasses.replace(settings, **{port_field: port}).as_env()}
+        print(f"[{service}] listening on http://{host}:{port} with {workers} workers", flush=True)
+        raise SystemExit(supervise(service, serve_command(service), workers, env))
+    who = f"{service} worker {index}" if index is not None else service
+    print(f"[{who}] listening on http://{host}:{port}", flush=True)
     web.run_app(make_app(settings), host=host, port=port, print=None, access_log=None,
-                reuse_port=reuse_port)
+                reuse_port=index is not None)
 
 
 def _up(settings: Settings) -> int:

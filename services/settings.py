@@ -101,7 +101,9 @@ class Settings:
     # this often (instead of checkpoint_ms): item features reach Redis only after the
     # commit that carries their deltas to the items agent (read_committed).
     features_commit_ms: int = _env("CLICKLOOP_FEATURES_COMMIT_MS", 10, default=250)
-    # Recommender worker processes on the one port (services/workers.py; 0: one per CPU).
+    # Worker processes of the collector and of the recommender, each service on its one
+    # port (services/workers.py; 0: one per CPU).
+    collector_workers: int = _env("CLICKLOOP_COLLECTOR_WORKERS", 0, default=1)
     recommender_workers: int = _env("CLICKLOOP_RECOMMENDER_WORKERS", 0, default=1)
     # Recommender (services/recommender): total latency budget and the Redis
     # call's share of it; past either, the answer is popular items.

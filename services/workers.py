@@ -1,10 +1,11 @@
 """Several worker processes behind one HTTP port: a small supervisor.
 
 One Python process serves on one core (the GIL), so `clickloop serve
-recommender` with `CLICKLOOP_RECOMMENDER_WORKERS=N` runs N copies of the
-service, each its own process with its own event loop, model copy, breakers,
-hot-key cache, Kafka consumers and exposure producer, all listening on the
-same port with SO_REUSEPORT: the kernel spreads new connections over them by
+recommender` with `CLICKLOOP_RECOMMENDER_WORKERS=N` (or `serve collector` with
+`CLICKLOOP_COLLECTOR_WORKERS=N`) runs N copies of the service, each its own
+process with its own event loop and Kafka clients (the recommender's also its
+model copy, breakers and hot-key cache), all listening on the same port with
+SO_REUSEPORT: the kernel spreads new connections over them by
 a hash of the connection's addresses (one shared accepting socket would not:
 asyncio accepts a whole backlog per wake-up, so the first worker awake took
 every connection of a burst).
@@ -18,11 +19,11 @@ for every worker to finish its shutdown (exposures flushed) before it exits.
 
 Metrics: the workers' Prometheus values live in memory-mapped files in one
 directory (prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`,
-a fresh directory per start), so `/metrics` from any worker sums the
-counters and histograms of all of them, dead ones included (a restart never
-makes a counter go back), and shows each live worker's gauges with a `pid`
-label. `/health` is the answering worker's own view (its breakers, its
-model), with its pid and index.
+a fresh directory per start; services/prom.py), so `/metrics` from any worker
+sums the counters and histograms of all of them, dead ones included (a restart
+never makes a counter go back), and shows each live worker's gauges with a
+`pid` label. `/health` is the answering worker's own view (the recommender's
+breakers and model, the collector's producer), with `worker_info()`.
 """
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ def worker_index() -> int | None:
     """This process's index among the supervisor's workers; None outside a supervisor."""
     raw = os.environ.get(WORKER_INDEX_ENV)
     return int(raw) if raw not in (None, "") else None
+
+
+def worker_info() -> dict:
+    """What /health says of the process that answered: pid, index, how many workers."""
+    return {"pid": os.getpid(), "index": worker_index() or 0,
+            "of": int(os.environ.get(WORKERS_ENV) or 1)}
 
 
 @dataclass(frozen=True, slots=True)

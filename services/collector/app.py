@@ -25,6 +25,7 @@ from services.collector.metrics import Metrics
 from services.collector.sink import ClickSink, Unavailable
 from services.collector.useragent import warm_up
 from services.settings import Settings, SettingsError
+from services.workers import worker_info
 
 SETTINGS = web.AppKey("settings", Settings)
 SINK = web.AppKey("sink", ClickSink)
@@ -171,6 +172,7 @@ async def health(request: web.Request) -> web.Response:
         body, status = {"status": "ok", "kafka": "connected", "partitions": sink.partitions}, 200
     else:
         body, status = {"status": "unavailable", "kafka": problem}, 503
+    body["worker"] = worker_info()
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 

@@ -2,12 +2,15 @@
 
 A registry per app, not prometheus_client's global one, so two collectors in
 one process (tests) do not share counters. Labelled children are bound once:
-`labels()` is a dict look-up under a lock, not free on the hot path.
+`labels()` is a dict look-up under a lock, not free on the hot path. With
+several workers (`CLICKLOOP_COLLECTOR_WORKERS`), any worker's /metrics sums them
+all (services/prom.py).
 """
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+
+from services.prom import exposition, gauge
 
 # The `*_created` timestamp series double the exposition for no use here.
 disable_created_metrics()
@@ -38,8 +41,8 @@ class Metrics:
             f"{ns}_produce_latency_seconds", "From handing a record to the producer to the "
             "broker's acknowledgement (acks=all)",
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
-        self.kafka_ready = Gauge(f"{ns}_kafka_ready", "1 when the producer is connected",
+        self.kafka_ready = gauge(f"{ns}_kafka_ready", "1 when the producer is connected",
                                  registry=r)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return exposition(self.registry)

@@ -29,7 +29,7 @@ from services.recommender.request import BadRequest, parse_query
 from services.recommender.service import Answer, Recommender, breaker_config
 from services.settings import Settings, SettingsError
 from services.tasks import cancel_and_wait
-from services.workers import WORKERS_ENV, worker_index
+from services.workers import worker_info
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -106,8 +106,7 @@ async def recommendations(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     report = request.app[RECOMMENDER].health()
-    report["worker"] = {"pid": os.getpid(), "index": worker_index() or 0,
-                        "of": int(os.environ.get(WORKERS_ENV) or 1)}
+    report["worker"] = worker_info()
     return web.Response(body=orjson.dumps(report), content_type=_JSON)
 
 

@@ -5,22 +5,19 @@ read from their owners when /metrics is scraped (`Recommender.refresh_metrics`;
 running totals become counters through `catch_up`), so the request path pays
 only for counters and the latency histogram.
 
-Under the worker supervisor (services/workers.py) the values live in
-prometheus_client's memory-mapped files, one set per worker process
-(`PROMETHEUS_MULTIPROC_DIR`): `exposition` sums every worker's counters and
-histograms and lists each live worker's gauges under a `pid` label, and each
-worker refreshes its gauges every second (app.py), not only when it is the one
-scraped. A series that goes away (an old model version, an ended experiment)
+Under the worker supervisor (services/workers.py, services/prom.py) any worker's
+/metrics reports all of them, so each worker refreshes its gauges every second
+(app.py), not only when it is the one scraped. A series that goes away (an old model version, an ended experiment)
 is set to its "gone" value first (0 for `model_info`, -1 for a posterior
 version), since a worker's file keeps its last value until the worker exits.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from services.prom import exposition, gauge, multiprocess_dir
 
 disable_created_metrics()
 
@@ -32,14 +29,9 @@ DEPENDENCIES = ("redis", "model")
 STATE_CODES = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def _gauge(*args, **kw) -> Gauge:
-    """A gauge; with several workers, one series per live worker (`pid` label)."""
-    return Gauge(*args, multiprocess_mode="liveall", **kw)
-
-
 class Metrics:
     def __init__(self) -> None:
-        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.multiprocess_dir = multiprocess_dir()
         self.registry = r = CollectorRegistry()
         self._series: dict[int, set[tuple[str, ...]]] = {}
         self._totals: dict[tuple[int, str], int] = {}
@@ -62,27 +54,27 @@ class Metrics:
                            ["group", "status"], registry=r)
         self.features = {(g, s): features.labels(g, s) for g in ("activity", "recent")
                          for s in ("fresh", "stale", "missing")}
-        self.breaker_state = _gauge(f"{ns}_breaker_state", "Circuit breaker: 0 closed, 1 half-open, "
+        self.breaker_state = gauge(f"{ns}_breaker_state", "Circuit breaker: 0 closed, 1 half-open, "
                                    "2 open", ["dependency"], registry=r)
         self.breaker_opened = Counter(f"{ns}_breaker_opened", "Times the breaker opened",
                                       ["dependency"], registry=r)
         self.breaker_rejected = Counter(f"{ns}_breaker_rejected", "Calls refused by the open breaker",
                                         ["dependency"], registry=r)
-        self.breaker_error_rate = _gauge(f"{ns}_breaker_error_rate", "Error rate in the rolling window",
+        self.breaker_error_rate = gauge(f"{ns}_breaker_error_rate", "Error rate in the rolling window",
                                         ["dependency"], registry=r)
-        self.model_info = _gauge(f"{ns}_model_info", "1 for each loaded model version", ["role", "name",
+        self.model_info = gauge(f"{ns}_model_info", "1 for each loaded model version", ["role", "name",
                                 "version"], registry=r)
         loads = Counter(f"{ns}_model_loads", "Model announcements loaded or refused", ["outcome"],
                         registry=r)
         self.model_loaded, self.model_failed = loads.labels("loaded"), loads.labels("failed")
-        self.popular_items = _gauge(f"{ns}_popular_items", "Items in the in-memory popular list",
+        self.popular_items = gauge(f"{ns}_popular_items", "Items in the in-memory popular list",
                                    registry=r)
-        self.popular_age = _gauge(f"{ns}_popular_age_seconds", "Since the popular list was last "
+        self.popular_age = gauge(f"{ns}_popular_age_seconds", "Since the popular list was last "
                                  "refreshed (-1: never)", registry=r)
         self.log_sent = Counter(f"{ns}_log_sent", "Records acknowledged by Kafka", ["topic"], registry=r)
         self.log_dropped = Counter(f"{ns}_log_dropped", "Records dropped (buffer full or refused)",
                                    ["topic"], registry=r)
-        self.log_buffered = _gauge(f"{ns}_log_buffered", "Records waiting for the producer",
+        self.log_buffered = gauge(f"{ns}_log_buffered", "Records waiting for the producer",
                                   ["topic"], registry=r)
         self.gc_pause = Histogram(f"{ns}_gc_pause_seconds", "Python garbage collector pauses",
                                   ["generation"], buckets=(.0005, .001, .002, .005, .01, .02, .05, .1),
@@ -91,7 +83,7 @@ class Metrics:
                       ["experiment", "arm"], registry=r)
         self._arms: dict[tuple[str, str], object] = {}
         self._arm_counter = arm
-        self.posterior_version = _gauge(f"{ns}_experiment_posterior_version", "Posterior snapshot "
+        self.posterior_version = gauge(f"{ns}_experiment_posterior_version", "Posterior snapshot "
                                        "version a bandit allocation draws from (0: the prior)",
                                        ["experiment"], registry=r)
         self.shadow_skipped = Counter(f"{ns}_shadow_skipped", "Sampled requests not shadow-scored "
@@ -112,22 +104,16 @@ class Metrics:
             child.inc(delta)
             self._totals[(id(counter), label)] = total
 
-    def set_series(self, gauge: Gauge, values: Mapping[tuple[str, ...], float], gone: float) -> None:
+    def set_series(self, target: Gauge, values: Mapping[tuple[str, ...], float], gone: float) -> None:
         """Make `values` the gauge's only series: those no longer there are set to `gone`
         (what a worker's metrics file keeps) and removed."""
-        before = self._series.get(id(gauge), set())
+        before = self._series.get(id(target), set())
         for labels in before - values.keys():
-            gauge.labels(*labels).set(gone)
-            gauge.remove(*labels)
+            target.labels(*labels).set(gone)
+            target.remove(*labels)
         for labels, value in values.items():
-            gauge.labels(*labels).set(value)
-        self._series[id(gauge)] = set(values)
+            target.labels(*labels).set(value)
+        self._series[id(target)] = set(values)
 
     def exposition(self) -> bytes:
-        if self.multiprocess_dir is None:
-            return generate_latest(self.registry)
-        from prometheus_client import multiprocess
-
-        merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, self.multiprocess_dir)
-        return generate_latest(merged)
+        return exposition(self.registry)
