@@ -48,6 +48,7 @@ from services.settings import Settings
 
 DAY_MS = 86_400_000
 MIN_USERS = MIN_ITEMS = 2
+MAX_ACTIVE_DAYS = 100_000   # ~270 years: every user, and `days * DAY_MS` stays an exact integer
 # Epoch milliseconds below this (1973-03-03) are almost surely epoch seconds.
 MIN_PLAUSIBLE_MS = 100_000_000_000
 TRANSFORM = "transform.item_weights: strongest action per item (view 1, click 2)"
@@ -111,8 +112,9 @@ class TrainOptions:
         for option, value in (("--k", args.k), ("--precompute-k", precompute_k)):
             if value < 1:
                 raise TrainError(f"{option} {value}: must be at least 1")
-        if not args.active_days > 0:
-            raise TrainError(f"--active-days {args.active_days}: must be more than 0")
+        if not 0 < args.active_days <= MAX_ACTIVE_DAYS:  # NaN and inf too
+            raise TrainError(f"--active-days {args.active_days}: must be more than 0 and at "
+                             f"most {MAX_ACTIVE_DAYS} (every user: a large number of days)")
         try:
             params = AlsParams(factors=args.factors, regularization=args.regularization,
                                alpha=args.alpha, iterations=args.iterations)

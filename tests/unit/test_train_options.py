@@ -81,6 +81,8 @@ def test_precompute_k_defaults_to_k():
     ({"k": 0}, "--k 0: must be at least 1"),
     ({"precompute_k": 0}, "--precompute-k 0"),
     ({"active_days": 0.0}, "--active-days 0.0"),
+    ({"active_days": float("inf")}, "--active-days inf: must be more than 0 and at most"),
+    ({"active_days": float("nan")}, "--active-days nan"),
     ({"factors": 0}, "factors, iterations and threads must be >= 1"),
     ({"iterations": 0}, "factors, iterations and threads must be >= 1"),
     ({"alpha": 0.5}, "alpha=0.5 must be >= 1"),
