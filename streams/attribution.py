@@ -22,7 +22,7 @@ from services.settings import Settings, SettingsError
 from streams import topics
 from streams.app import now
 from streams.attribution_core import AttributionConfig, PartitionAttribution, decode_exposure
-from streams.codec import BadRecord
+from streams.codec import BadRecord, not_after
 from streams.dlq import dlq_record
 from streams.meter import Meter
 from streams.txstate import TransactionalState, dump_keyed, restore_keyed
@@ -94,7 +94,8 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                                      "not rewarded again", msg.topic, msg.partition, msg.offset,
                                      record.key)
                     else:
-                        out = part.process_clicks_record(record.value)
+                        out = part.process_clicks_record(record.value, not_after(
+                            round(msg.timestamp * 1000), settings.max_clock_ahead_s))
                 except BadRecord as exc:
                     if which == "exposures":
                         await txn.send(dlq_topic, key=record.key, value=dlq_record(

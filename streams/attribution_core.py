@@ -160,15 +160,16 @@ class PartitionAttribution:
         self._prune()
         return out, None
 
-    def process_clicks_record(self, value: bytes | None) -> Outputs:
-        """Apply a `clicks` record (a ClickBatch); BadRecord when it is not one."""
-        return self.process_clicks(decode_clicks(value))
+    def process_clicks_record(self, value: bytes | None, not_after: int | None = None) -> Outputs:
+        """Apply a `clicks` record (a ClickBatch); BadRecord when it is not one. Events
+        stamped after `not_after` (`codec.not_after` of the record) are bad."""
+        return self.process_clicks(decode_clicks(value), not_after)
 
-    def process_clicks(self, events: list) -> Outputs:
+    def process_clicks(self, events: list, not_after: int | None = None) -> Outputs:
         out = Outputs(events=len(events))
         lateness, window = self.config.lateness_ms, self.config.window_ms
         for event in events:
-            if event_problem(event) is not None:
+            if event_problem(event, not_after) is not None:
                 out.bad_events += 1
                 continue
             ts = event["timestamp"]

@@ -26,8 +26,23 @@ def decode_clicks(value: bytes | None) -> list[ClickEvent]:
     return batch["events"]
 
 
-def event_problem(event) -> str | None:
-    """Why a `clicks` event cannot be processed, or None when it can."""
+# An event time later than its record's Kafka timestamp plus CLICKLOOP_MAX_CLOCK_AHEAD_S
+# cannot be true (the collector never writes one): believed, it would move a processor's
+# watermark into the future. The compiled core names it the same (native/src/partition.rs).
+AHEAD = "timestamp is more than CLICKLOOP_MAX_CLOCK_AHEAD_S after its record's Kafka timestamp"
+
+
+def not_after(record_ts_ms: int | None, max_ahead_s: int) -> int | None:
+    """The latest event time a record's events may carry: its Kafka timestamp plus the
+    clock bound; None (no bound) for a record without a timestamp."""
+    if record_ts_ms is None or record_ts_ms < 0:
+        return None
+    return record_ts_ms + max_ahead_s * 1000
+
+
+def event_problem(event, not_after: int | None = None) -> str | None:
+    """Why a `clicks` event cannot be processed, or None when it can. `not_after`: the
+    latest event time its record allows (`not_after()`), None for no bound."""
     if not isinstance(event, dict):
         return "event is not a JSON object"
     ts, user_id = event.get("timestamp"), event.get("user_id")
@@ -39,6 +54,8 @@ def event_problem(event) -> str | None:
             or isinstance(user_id, (dict, list)) \
             or not isinstance(user_id or event.get("anonymous_id"), str):
         return "event lacks an integer timestamp, a message_id, a type or a user_id/anonymous_id"
+    if not_after is not None and ts > not_after:
+        return AHEAD
     return None
 
 

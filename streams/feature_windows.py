@@ -315,13 +315,14 @@ class FeatureBatch:
             self.max_ts = ts
 
     def add_clicks(self, events: Iterable[ClickEvent],
-                   stored: Mapping[str, Windows] | None = None) -> "FeatureBatch":
+                   stored: Mapping[str, Windows] | None = None,
+                   not_after: int | None = None) -> "FeatureBatch":
         """Count a `clicks` record's events; ones that cannot be processed are skipped
         (the sessionizer dead-letters them, with the reason), and ones whose message id
         the user's latest ids hold (in this batch or in `stored`, the state the batch
         will be merged into) are duplicates, not counted."""
         for event in events:
-            if event_problem(event) is not None:
+            if event_problem(event, not_after) is not None:
                 self.skipped += 1
                 continue
             visitor = visitor_key(event)

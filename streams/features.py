@@ -42,7 +42,7 @@ import faust
 from services.settings import Settings
 from streams import topics
 from streams.app import now
-from streams.codec import BadRecord, decode_clicks, decode_session
+from streams.codec import BadRecord, decode_clicks, decode_session, not_after
 from streams.dlq import dlq_record, position
 from streams.features_state import (ItemPartition, UserPartition, encode_item_deltas,
                                     group_item_deltas, session_problem)
@@ -204,7 +204,8 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                 try:
                     if msg.topic == clicks_name:
                         events = decode_clicks(record.value)
-                        part.add_clicks(events, msg.topic, msg.offset + 1)
+                        part.add_clicks(events, msg.topic, msg.offset + 1, not_after(
+                            round(msg.timestamp * 1000), settings.max_clock_ahead_s))
                         n = len(events)
                     else:
                         session = decode_session(record.value)

@@ -232,9 +232,11 @@ class UserPartition(_Partition):
         self._popular_dumped: set[str] = set()   # items the changelog holds
         self._popular_anchor: int | None = None  # the anchor the changelog holds
 
-    def add_clicks(self, events: list[ClickEvent], topic: str, next_offset: int) -> None:
-        """Fold a `clicks` record's events into the pending delta."""
-        self.pending.add_clicks(events, self.entities.state)
+    def add_clicks(self, events: list[ClickEvent], topic: str, next_offset: int,
+                   not_after: int | None = None) -> None:
+        """Fold a `clicks` record's events into the pending delta (`not_after`: the latest
+        event time the record allows, `codec.not_after`)."""
+        self.pending.add_clicks(events, self.entities.state, not_after)
         self._pending_offsets[topic] = next_offset
         self.pending_events += len(events)
 

@@ -16,7 +16,7 @@ import orjson
 from services.settings import Settings
 from streams import topics
 from streams.app import now
-from streams.codec import BadRecord
+from streams.codec import BadRecord, not_after
 from streams.dlq import dlq_record
 from streams.meter import Meter
 from streams.sessions import PartitionSessions, SessionConfig
@@ -63,7 +63,8 @@ def build(app: faust.App, settings: Settings, meter: Meter) -> None:
                 if msg.offset < part.next_offset:
                     continue  # applied before a crash: its effects are in the restored state
                 try:
-                    out = part.process_record(record.value, msg.offset + 1)
+                    out = part.process_record(record.value, msg.offset + 1, not_after(
+                        round(msg.timestamp * 1000), settings.max_clock_ahead_s))
                 except BadRecord as exc:
                     part.next_offset = msg.offset + 1
                     await txn.send(dlq_topic, key=record.key, value=dlq_record(

@@ -166,8 +166,10 @@ class PartitionSessions:
     def next_offset(self, offset: int) -> None:
         self._core.next_offset = offset
 
-    def process_record(self, value: bytes | None, next_offset: int | None = None) -> Outputs:
+    def process_record(self, value: bytes | None, next_offset: int | None = None,
+                       not_after: int | None = None) -> Outputs:
         """Fold a `clicks` record (a ClickBatch) in, then close what the new watermark allows.
+        An event stamped after `not_after` (`codec.not_after` of the record) is bad.
 
         BadRecord, with the reason, when the record is not a ClickBatch; nothing
         is applied then.
@@ -175,13 +177,14 @@ class PartitionSessions:
         if value is None:
             raise BadRecord("not JSON: the record has no value")
         try:
-            return Outputs(*self._core.process(value, next_offset))
+            return Outputs(*self._core.process(value, next_offset, not_after))
         except ValueError as exc:
             raise BadRecord(str(exc)) from None
 
-    def process(self, events: list[ClickEvent], next_offset: int | None = None) -> Outputs:
+    def process(self, events: list[ClickEvent], next_offset: int | None = None,
+                not_after: int | None = None) -> Outputs:
         """Fold events in (as one record), then close what the new watermark allows."""
-        return self.process_record(orjson.dumps({"v": 1, "events": events}), next_offset)
+        return self.process_record(orjson.dumps({"v": 1, "events": events}), next_offset, not_after)
 
     def load(self, visitor: str, state: bytes) -> None:
         """Put back a visitor's state as `take_dirty` returned it (a changelog entry)."""

@@ -63,12 +63,15 @@ impl Partition {
     /// Fold one `clicks` record in. Returns (events, closed, late, bad, duplicates):
     /// closed as [(visitor key, session JSON, murmur2(key))], late and bad as
     /// [(event JSON, reason)].
-    /// ValueError with the reason when the record is not a ClickBatch.
-    #[pyo3(signature = (record, next_offset=None))]
-    fn process<'py>(&mut self, py: Python<'py>, record: &[u8], next_offset: Option<i64>)
+    /// ValueError with the reason when the record is not a ClickBatch. `not_after`: an
+    /// event stamped later is bad (the record's Kafka timestamp plus the clock bound).
+    #[pyo3(signature = (record, next_offset=None, not_after=None))]
+    fn process<'py>(&mut self, py: Python<'py>, record: &[u8], next_offset: Option<i64>,
+                    not_after: Option<i64>)
                     -> PyResult<(usize, Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>, usize)> {
         let core = &mut self.core;
-        let out = py.allow_threads(|| core.process(record, next_offset)).map_err(PyValueError::new_err)?;
+        let out = py.allow_threads(|| core.process(record, next_offset, not_after))
+            .map_err(PyValueError::new_err)?;
         let closed = PyList::empty_bound(py);
         for (visitor, json, hash) in &out.closed {
             closed.append((PyBytes::new_bound(py, visitor.as_bytes()), PyBytes::new_bound(py, json), *hash))?;

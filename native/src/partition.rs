@@ -18,6 +18,8 @@ type Visitors = hashbrown::HashMap<String, VisitorState, FxBuildHasher>;
 pub const NOT_AN_OBJECT: &str = "event is not a JSON object";
 pub const INCOMPLETE: &str =
     "event lacks an integer timestamp, a message_id, a type or a user_id/anonymous_id";
+pub const AHEAD: &str =
+    "timestamp is more than CLICKLOOP_MAX_CLOCK_AHEAD_S after its record's Kafka timestamp";
 pub const LATE: &str =
     "older than the watermark allows: its session would already be closed (gap + grace passed)";
 /// An open session remembers at least this many of its latest message ids for dedupe
@@ -136,12 +138,15 @@ impl Partition {
         self.visitors.len()
     }
 
-    /// Fold a record's events in, then close what the new watermark allows.
-    pub fn process(&mut self, record: &[u8], next_offset: Option<i64>) -> Result<Outputs, String> {
+    /// Fold a record's events in, then close what the new watermark allows. An event
+    /// stamped after `not_after` (its record's Kafka timestamp plus the clock bound) is
+    /// bad: believed, it would move the watermark into the future and close every session.
+    pub fn process(&mut self, record: &[u8], next_offset: Option<i64>, not_after: Option<i64>)
+                   -> Result<Outputs, String> {
         let events = parse_envelope(record)?;
         let mut out = Outputs { events: events.len(), ..Default::default() };
         for (index, event) in events.iter().enumerate() {
-            self.step(event, index, &mut out);
+            self.step(event, index, not_after, &mut out);
         }
         self.close_for(self.watermark, &mut out);
         if let Some(offset) = next_offset {
@@ -150,7 +155,7 @@ impl Partition {
         Ok(out)
     }
 
-    fn step(&mut self, ev: &Event, index: usize, out: &mut Outputs) {
+    fn step(&mut self, ev: &Event, index: usize, not_after: Option<i64>, out: &mut Outputs) {
         if !ev.is_object {
             out.bad.push((index, NOT_AN_OBJECT));
             return;
@@ -163,6 +168,10 @@ impl Partition {
                 return;
             }
         };
+        if not_after.is_some_and(|limit| ts > limit) {
+            out.bad.push((index, AHEAD));
+            return;
+        }
         // Claim the id first; a late event gives it back.
         let key = self.keys.hash_one((visitor, mid));
         if !self.seen.insert(key) {

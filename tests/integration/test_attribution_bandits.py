@@ -36,7 +36,9 @@ def traffic(exposures: int, partitions: int, seed: int, window_ms: int, per_reco
     clicks on shown items (some after the window) and other events; each topic in event
     time order per partition, ending with a tick per partition that closes every window."""
     rng = random.Random(seed)
-    start = int(time.time() * 1000) - 3 * 3_600_000
+    # Far enough back that the closing ticks (~3 h 15 min on) are in the past: the
+    # processors refuse events stamped after their record (CLICKLOOP_MAX_CLOCK_AHEAD_S).
+    start = int(time.time() * 1000) - 5 * 3_600_000
     visitors = [f"v{n}" for n in range(max(50, exposures // 10))]
     xs, events = [], []
     for n in range(exposures):

@@ -77,6 +77,45 @@ async def test_an_event_later_than_the_grace_goes_to_clicks_late_with_the_reason
     assert "gap + grace" in late["reason"]
 
 
+async def test_an_event_stamped_after_its_record_allows_goes_to_the_dlq_and_moves_no_watermark(
+        settings, workers):
+    """A producer other than the collector (which bounds event times) writes an event a
+    year ahead: believed, it would move the watermark a year on and close every open
+    session, and every later event would be late. It is dead-lettered with the reason;
+    the session around it goes on."""
+    import time
+
+    await topics.ensure_topics(settings)
+    workers.start("sessionize")
+    now, minute = int(time.time() * 1000), 60_000
+
+    def event(mid: str, ts: int) -> bytes:
+        return orjson.dumps({"v": 1, "events": [{
+            "message_id": mid, "type": "page", "user_id": "eve", "anonymous_id": None,
+            "timestamp": ts, "received_at": now, "context": {}, "properties": {}}]})
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        clicks = settings.topic(topics.CLICKS)
+        for mid, ts in (("e1", now - 10 * minute), ("e2", now + 365 * 24 * 60 * minute),
+                        ("e3", now - 5 * minute), ("e4", now + 2 * 60 * minute)):
+            await producer.send_and_wait(clicks, key=b"eve", value=event(mid, ts))  # stamped now
+    finally:
+        await producer.stop()
+    dead = await read_topic(settings.kafka_bootstrap, settings.topic(topics.CLICKS_DLQ),
+                            lambda got: len(got) >= 2)
+    assert [orjson.loads(base64.b64decode(d["value_b64"]))["message_id"] for d in dead] == ["e2", "e4"]
+    assert all("CLICKLOOP_MAX_CLOCK_AHEAD_S" in d["error"] for d in dead)
+    assert [d["position"] for d in dead] == [f"{clicks}[0]@1", f"{clicks}[0]@3"]
+    # e1 and e3 are one open session: nothing closed it, nothing was late (the DLQ records
+    # came in the transactions that would have carried either).
+    for topic in (topics.SESSIONS, topics.CLICKS_LATE):
+        with pytest.raises(TimeoutError):
+            await read_topic(settings.kafka_bootstrap, settings.topic(topic),
+                             lambda got: len(got) >= 1, timeout_s=3)
+
+
 async def test_a_visitor_idle_past_retention_is_a_tombstone_and_starts_again_at_index_1(
         settings, workers):
     """Retention 2 h of event time: the idle visitor's changelog entry becomes a

@@ -135,6 +135,15 @@ def test_odd_click_events_are_skipped_not_fatal():
     assert outcome(out.rewards) == {"r1": (1, "i2", 1, 4)}
 
 
+def test_a_click_stamped_after_its_record_allows_is_bad_and_moves_no_watermark():
+    part = PartitionAttribution(CFG)
+    part.process_exposure(exposure("r1", 0))
+    out = part.process_clicks([click(24 * 60), click(2, "i2")], not_after=5 * MIN)
+    # believed, the first would have moved the watermark a day on: the second too late
+    assert out.bad_events == 1 and part.click_wm == 2 * MIN
+    assert outcome(out.rewards) == {"r1": (1, "i2", 1, 2)}
+
+
 def test_late_exposure_is_handed_back_not_rewarded():
     rewards, late = run([("x", exposure("r1", 10)), ("x", exposure("r0", 8)), ("c", [click(9, "i1")])])
     assert rewards == [] and len(late) == 1 and "late exposure" in late[0]

@@ -57,3 +57,29 @@ def test_both_cores_agree_on_bad_events_and_items():
         assert session["items"] == expected, event
         items_checked += 1
     assert items_checked > 1_000 and bad > 300
+
+
+def test_both_cores_refuse_an_event_stamped_after_its_record_allows():
+    """`not_after` (the record's Kafka timestamp plus the clock bound): the same events are
+    bad in both cores, with the same reason, and a refused event moves no watermark."""
+    from streams.codec import AHEAD, not_after
+
+    rng, ahead = random.Random(5), 0
+    for _ in range(1_000):
+        event = random_event(rng)
+        limit = not_after(T + rng.choice([-1, 0, 1, -300_000, 10 ** 6]), rng.choice([0, 300]))
+        part = PartitionSessions(SessionConfig())
+        out = part.process_record(encoded(event), 1, limit)
+        problem = event_problem(event, limit)
+        assert [r for _, r in out.bad_json] == ([problem] if problem else []), (event, limit)
+        if problem == AHEAD:
+            ahead += 1
+            assert part.watermark == -1, "a refused event moves no watermark"
+    assert ahead > 50
+
+
+def test_a_record_without_a_timestamp_bounds_nothing():
+    from streams.codec import not_after
+
+    assert not_after(None, 300) is None and not_after(-1, 300) is None
+    assert not_after(T, 300) == T + 300_000 and not_after(T, 0) == T

@@ -182,6 +182,15 @@ def test_bad_events_and_sessions_are_skipped_not_counted():
     assert list(batch.users) == ["u1"] and batch.items == {}
 
 
+def test_an_event_stamped_after_its_record_allows_is_skipped_and_moves_no_clock():
+    """One click stamped a year ahead would have moved the features' watermark a year on
+    and emptied every window: with the record's bound it is skipped, like a bad event."""
+    year = 365 * DAY
+    batch = FeatureBatch().add_clicks([ev("u1", T0), ev("u2", T0 + year, mid="m-future")],
+                                      not_after=T0 + 300_000)
+    assert batch.skipped == 1 and list(batch.users) == ["u1"] and batch.max_ts == T0
+
+
 def test_features_fit_the_declared_store_layout():
     batch = FeatureBatch().add_clicks([ev("u1", T0), ev("u1", T0 + 1, "Product Clicked")])
     batch.add_session(session("u1", T0, 60_000))
