@@ -338,14 +338,25 @@ impl<'de> Visitor<'de> for EventsSeed {
     }
 }
 
-/// The raw JSON text of every event of a record (only for the rare late or bad one).
-pub fn raw_events(record: &[u8]) -> Vec<&serde_json::value::RawValue> {
-    #[derive(serde::Deserialize)]
-    struct Raw<'a> {
-        #[serde(borrow)]
-        events: Vec<&'a serde_json::value::RawValue>,
+/// The raw JSON text of every event of a record (only for the rare late or bad one), as
+/// the parse took them: sonic-rs, the last `events` key when there are several. A record
+/// with invalid UTF-8 (which the parse accepts inside strings) is read with U+FFFD in
+/// its place, so the event still reaches the DLQ, nearly byte for byte, never as `null`.
+pub fn raw_events(record: &[u8]) -> Vec<Vec<u8>> {
+    let text = String::from_utf8_lossy(record);
+    let mut events = None;
+    for pair in sonic_rs::to_object_iter(text.as_ref()) {
+        match pair {
+            Ok((key, value)) if &*key == "events" => events = Some(value.as_raw_str().to_owned()),
+            Ok(_) => {}
+            Err(_) => return Vec::new(),
+        }
     }
-    serde_json::from_slice::<Raw>(record).map(|r| r.events).unwrap_or_default()
+    let Some(events) = events else { return Vec::new() };
+    sonic_rs::to_array_iter(events.as_str())
+        .map_while(Result::ok)
+        .map(|event| event.as_raw_str().as_bytes().to_vec())
+        .collect()
 }
 
 /// Kafka's default partitioner hash (murmur2, as the Java client computes it):

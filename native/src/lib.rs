@@ -81,8 +81,8 @@ impl Partition {
             let raw = event::raw_events(record);
             for (list, events) in [(&late, &out.late), (&bad, &out.bad)] {
                 for (index, reason) in events {
-                    let text = raw.get(*index).map_or("null", |r| r.get());
-                    list.append((PyBytes::new_bound(py, text.as_bytes()), *reason))?;
+                    let text = raw.get(*index).map_or(b"null".as_slice(), |r| r.as_slice());
+                    list.append((PyBytes::new_bound(py, text), *reason))?;
                 }
             }
         }

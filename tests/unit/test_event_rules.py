@@ -83,3 +83,22 @@ def test_a_record_without_a_timestamp_bounds_nothing():
 
     assert not_after(None, 300) is None and not_after(-1, 300) is None
     assert not_after(T, 300) == T + 300_000 and not_after(T, 0) == T
+
+
+def test_a_bad_events_bytes_reach_the_dlq_even_where_the_json_readers_would_differ():
+    """The bad or late event's own bytes are cut from the record as the parse read it:
+    with two `events` keys, from the last (the one the parse took); with invalid UTF-8
+    in a string the parse accepted, with U+FFFD in its place; never `null`."""
+    part = PartitionSessions(SessionConfig())
+    twice = b'{"v":1,"events":[{"type":"x"}],"events":[{"type":"track", "bad": [1, {"a": "b"}]}, 5]}'
+    out = part.process_record(twice, 1)
+    assert [e for e, _ in out.bad_json] == [b'{"type":"track", "bad": [1, {"a": "b"}]}', b"5"]
+    broken = b'{"v":1,"events":[{"type":"track","note":"\xff\xfe"}]}'
+    (event, reason), = part.process_record(broken, 2).bad_json
+    assert event == '{"type":"track","note":"\ufffd\ufffd"}'.encode() and "lacks" in reason
+    late_part = PartitionSessions(SessionConfig())
+    late_part.process([{"message_id": "m1", "type": "page", "user_id": "u", "timestamp": T}])
+    late = (b'{"v":1,"events":[],"events":[{"message_id":"m2","type":"page","user_id":"w",'
+            b'"timestamp":1,"x":"\xff"}]}')
+    (event, _), = late_part.process_record(late, 3).late_json
+    assert event.startswith(b'{"message_id":"m2"') and b"\xef\xbf\xbd" in event
