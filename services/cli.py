@@ -4,7 +4,8 @@
   clickloop demo [--events N]       post synthetic traffic to the collector
   clickloop worker PROCESSOR        one stream processor (streams.PROCESSORS: sessionize, features,
                                     archive, cdc_history, attribution, bandits)
-  clickloop serve SERVICE           one HTTP service (collector, recommender, experiments)
+  clickloop serve SERVICE           one HTTP service (collector, recommender, experiments; the first
+                                    two as CLICKLOOP_*_WORKERS processes on their port)
   clickloop infra start|stop|status the local Kafka broker and Redis server
   clickloop cdc up|down|status      PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium connector
   clickloop replay --topic T --target topic:<name>|processor:<name> [--execute]
@@ -93,6 +94,13 @@ def _serve(service: str, settings: Settings) -> None:
                 reuse_port=index is not None)
 
 
+def _workers(configured: int) -> str:
+    from services.workers import worker_count
+
+    n = worker_count(configured)
+    return f"  ({n} workers)" if n > 1 else ""
+
+
 def _up(settings: Settings) -> int:
     from services import infra
     from streams.topics import ensure_topics
@@ -126,9 +134,9 @@ def _up(settings: Settings) -> int:
     }
     print(f"""
 clickloop is up
-  collector    http://{settings.collector_host}:{settings.collector_port}/v1/batch
+  collector    http://{settings.collector_host}:{settings.collector_port}/v1/batch{_workers(settings.collector_workers)}
   write key    {settings.write_keys[0] if settings.write_keys else "(none required)"}  (HTTP Basic user name)
-  recommender  http://{settings.recommender_host}:{settings.recommender_port}/v1/recommendations?user_id=...&k=5
+  recommender  http://{settings.recommender_host}:{settings.recommender_port}/v1/recommendations?user_id=...&k=5{_workers(settings.recommender_workers)}
   experiments  http://{settings.experiments_host}:{settings.experiments_port}/  (dashboard; API /v1/experiments, /openapi.json)
   kafka        {settings.kafka_bootstrap}
   redis        {settings.redis_url}
@@ -342,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch-size", type=int, default=50, help="events per request (default 50)")
     worker = sub.add_parser("worker", help="run one stream processor")
     worker.add_argument("processor", choices=PROCESSORS)
-    serve = sub.add_parser("serve", help="run one HTTP service")
+    serve = sub.add_parser("serve", help="run one HTTP service (collector and recommender: "
+                                          "CLICKLOOP_COLLECTOR_WORKERS / _RECOMMENDER_WORKERS "
+                                          "processes on the port)")
     serve.add_argument("service", choices=["collector", "recommender", "experiments"])
     rep = sub.add_parser("replay", help="re-feed a topic range for a backfill (dry run by default)")
     rep.add_argument("--topic", required=True, help="topic to replay, without the prefix (e.g. clicks)")
