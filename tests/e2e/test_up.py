@@ -30,11 +30,15 @@ async def get_json(url: str) -> tuple[int, dict]:
             return resp.status, await resp.json()
 
 
-async def test_up_runs_the_whole_loop_and_stops_on_ctrl_c(settings, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_up_runs_the_whole_loop_and_stops_on_ctrl_c(settings, tmp_path, workers):
+    """With one process per service, and with the collector and the recommender as two
+    workers each (their supervisors stop them when `up` stops: every port closes)."""
     ports = {name: free_port() for name in ("collector", "recommender", "experiments")}
     settings = dataclasses.replace(settings, collector_port=ports["collector"],
                                    recommender_port=ports["recommender"],
-                                   experiments_port=ports["experiments"])
+                                   experiments_port=ports["experiments"],
+                                   collector_workers=workers, recommender_workers=workers)
     env = {**os.environ, **settings.as_env(), "CLICKLOOP_ARCHIVE_INTERVAL_S": "2",
            "CLICKLOOP_POPULAR_REFRESH_MS": "500", "CLICKLOOP_LOG_LEVEL": "warning"}
     env.pop("CLICKLOOP_WRITE_KEYS", None)   # `up` makes one and `demo` finds it
@@ -45,6 +49,7 @@ async def test_up_runs_the_whole_loop_and_stops_on_ctrl_c(settings, tmp_path):
         banner = await eventually(lambda: _text(log), lambda t: "clickloop is up" in t or up.poll() is not None,
                                   timeout_s=60, what="the banner")
         assert up.poll() is None, banner
+        assert (banner.count("(2 workers)") == 2) is (workers == 2), banner
         await eventually(_async(lambda: all(port_open("127.0.0.1", p) for p in ports.values())),
                          bool, timeout_s=60, what="the three services listening")
 
