@@ -63,15 +63,11 @@ def _serve(service: str, settings: Settings) -> None:
     workers = 1
     if service == "collector":
         from services.collector.app import check, make_app
-        try:
-            check(settings)
-        except SettingsError as exc:
-            raise SystemExit(f"clickloop: configuration error: {exc}") from None
         host, port, workers = settings.collector_host, settings.collector_port, \
             worker_count(settings.collector_workers)
         port_field = "collector_port"
     elif service == "recommender":
-        from services.recommender.app import make_app
+        from services.recommender.app import check, make_app
         host, port, workers = settings.recommender_host, settings.recommender_port, \
             worker_count(settings.recommender_workers)
         port_field = "recommender_port"
@@ -80,6 +76,11 @@ def _serve(service: str, settings: Settings) -> None:
         host, port = settings.experiments_host, settings.experiments_port
     else:
         raise SystemExit(f"unknown service {service!r}; choose collector, recommender or experiments")
+    if workers > 1 or service == "collector":  # a bad setting: one clear message, no restarts
+        try:
+            check(settings)
+        except SettingsError as exc:
+            raise SystemExit(f"clickloop: configuration error: {exc}") from None
     index = worker_index()
     if index is None and workers > 1:  # this process supervises; the workers serve
         if port == 0:  # every worker must bind the same port

@@ -205,11 +205,16 @@ async def _refresh_gauges(app: web.Application) -> None:
         await asyncio.sleep(GAUGES_EVERY_S)
 
 
-def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
+def check(settings: Settings) -> None:
+    """Refuse settings the service cannot run with (before any worker starts)."""
     try:
         breaker_config(settings)
     except ValueError as exc:
         raise SettingsError(f"CLICKLOOP_BREAKER_*: {exc}") from None
+
+
+def make_app(settings: Settings, model_wait_s: float = 15.0) -> web.Application:
+    check(settings)
     one_blas_thread()
     app = web.Application()
     app[SETTINGS] = settings
