@@ -82,7 +82,10 @@ def score(model: ServedModel, query: Query, profile: Profile) -> tuple[Ranking, 
     """The model's top k for a visitor (pure but for the vector memo on the profile)."""
     seen = profile.seen if query.exclude_seen else frozenset()
     topk = profile.topk
-    if topk is not None and topk.version == model.version and topk.name == model.name:
+    # The precomputed list left out the user's training history: it answers only a request
+    # that excludes seen items (with exclude_seen=false, online scoring keeps them).
+    if query.exclude_seen and topk is not None and topk.version == model.version \
+            and topk.name == model.name:
         kept = [(i, s) for i, s in topk.items if i not in seen][:query.k]
         if len(kept) >= query.k:
             return Ranking([i for i, _ in kept], [s for _, s in kept], "model"), "precomputed"

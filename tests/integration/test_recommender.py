@@ -167,6 +167,8 @@ async def test_precomputed_topk_served_for_the_same_version_only(settings):
         assert [i["item_id"] for i in body["items"]] == [item_id(j) for j in (40, 41, 42, 43)]
         _, short = await get(client, user_id=user_id(1), k=5)
         assert short["source"] == "online", "fewer than k unseen precomputed items: ranked online"
+        _, everything = await get(client, user_id=user_id(1), k=4, exclude_seen="false")
+        assert everything["source"] == "online", "the list left seen items out: not for this request"
         await redis.set(key, orjson.dumps({"name": "als", "version": "v0", "items": topk,
                                            "computed_ms": now_ms()}), ex=60)
         _, other = await get(client, user_id=user_id(1), k=4)
