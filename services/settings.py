@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOG_LEVELS = ("debug", "info", "warning", "error")
+TOPIC_CONFIG_MODES = ("apply", "check")
 ENRICHMENT_BYTES = 8192      # what the collector may add to an event (times, ip, ua, ids)
 MAX_RECORD_BYTES = 1_000_000  # Kafka's message.max.bytes default is 1,048,588
 
@@ -77,6 +78,10 @@ class Settings:
     session_timeout_s: int = _env("CLICKLOOP_SESSION_TIMEOUT_S", 6, default=10)
     state_dir: Path = _env("CLICKLOOP_STATE_DIR", default=REPO_ROOT / ".state")
     log_level: str = _env("CLICKLOOP_LOG_LEVEL", default="info")
+    # Existing topics whose configs fall short of the declared ones (streams/topics.py):
+    # `apply` alters them at start-up, `check` only logs each shortfall as an error (for
+    # clusters whose topics are managed elsewhere).
+    topic_configs: str = _env("CLICKLOOP_TOPIC_CONFIGS", default="apply")
     # Archive (streams/archive.py): topics to Parquet, exactly once. URI of a
     # pyarrow filesystem (local folder, s3://, hdfs://, gs://); empty:
     # <state_dir>/archive.
@@ -202,6 +207,9 @@ class Settings:
     def check(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise SettingsError(f"CLICKLOOP_LOG_LEVEL={self.log_level!r}: use {', '.join(LOG_LEVELS)}")
+        if self.topic_configs not in TOPIC_CONFIG_MODES:
+            raise SettingsError(f"CLICKLOOP_TOPIC_CONFIGS={self.topic_configs!r}: use "
+                                f"{' or '.join(TOPIC_CONFIG_MODES)}")
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError(
                 f"CLICKLOOP_REDIS_URL={self.redis_url!r} must start with redis://, rediss:// or unix://")

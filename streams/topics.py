@@ -132,9 +132,10 @@ def config_changes(declared: Mapping[str, str], current: Mapping[str, str | None
     return out
 
 
-async def _bring_configs_up_to_date(admin: AIOKafkaAdminClient, declared: dict[str, dict[str, str]]
-                                    ) -> None:
-    """Alter the existing topics in `declared` (name -> configs) that fall short of them."""
+async def _bring_configs_up_to_date(admin: AIOKafkaAdminClient, declared: dict[str, dict[str, str]],
+                                    apply: bool = True) -> None:
+    """Alter the existing topics in `declared` (name -> configs) that fall short of them
+    (`apply` False: only log each shortfall as an error)."""
     if not declared:
         return
     responses = await admin.describe_configs(
@@ -149,6 +150,11 @@ async def _bring_configs_up_to_date(admin: AIOKafkaAdminClient, declared: dict[s
             changes = config_changes(declared[name], current)
             if not changes:
                 continue
+            what = ", ".join(f"{k} {have!r} -> {want!r}" for k, (have, want) in changes.items())
+            if not apply:
+                log.error("topic %s needs %s (CLICKLOOP_TOPIC_CONFIGS=check: not altered)",
+                          name, what)
+                continue
             own = {e[0]: e[1] for e in entries if e[3] == _DYNAMIC_TOPIC_CONFIG}
             if any(e[4] for e in entries if e[3] == _DYNAMIC_TOPIC_CONFIG) or None in own.values():
                 log.error("topic %s needs %s but holds a secret config this client cannot "
@@ -159,7 +165,6 @@ async def _bring_configs_up_to_date(admin: AIOKafkaAdminClient, declared: dict[s
             result = await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name,
                                                                configs=wanted)])
             errors = [(c, m) for r in result for c, m, *_ in r.resources if c]
-            what = ", ".join(f"{k} {have!r} -> {want!r}" for k, (have, want) in changes.items())
             if errors:  # no Alter permission, say: the topic works, short of what was declared
                 log.error("topic %s: could not set %s: %s", name, what, errors)
             else:
@@ -189,7 +194,8 @@ async def ensure_topics(settings: Settings, names: tuple[str, ...] = ALL) -> Non
                   for n in names if settings.topic(n) not in existing]
         await _bring_configs_up_to_date(admin, {
             settings.topic(n): topic_configs(n) for n in names
-            if settings.topic(n) in existing and topic_configs(n)})
+            if settings.topic(n) in existing and topic_configs(n)},
+            apply=settings.topic_configs == "apply")
         if wanted:
             # The broker answers per topic and aiokafka raises for none of them; a topic
             # that already exists (another process won the race) is what we wanted.

@@ -76,3 +76,23 @@ async def test_existing_topics_get_the_declared_configs_and_keep_their_own(setti
         assert not [r for r in caplog.records if r.name == "clickloop.topics"]
     finally:
         await admin.close()
+
+
+async def test_check_mode_logs_what_falls_short_and_alters_nothing(settings, caplog):
+    from aiokafka.admin import NewTopic
+
+    s = dataclasses.replace(settings, topic_configs="check")
+    models = s.topic(topics.MODELS)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(models, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+        await asyncio.sleep(0.5)
+        caplog.set_level("WARNING", logger="clickloop.topics")
+        await topics.ensure_topics(s, (topics.MODELS,))
+        assert (await _configs(admin, models))["min.compaction.lag.ms"] == "0"
+        (logged,) = [r for r in caplog.records if r.name == "clickloop.topics"]
+        assert logged.levelname == "ERROR" and "min.compaction.lag.ms" in logged.getMessage() \
+            and "not altered" in logged.getMessage()
+    finally:
+        await admin.close()

@@ -27,6 +27,8 @@ def test_defaults():
     ({"CLICKLOOP_RECORD_MAX_BYTES": "900000"}, "record_max_bytes", 900_000),
     ({"CLICKLOOP_PRODUCE_TIMEOUT_S": "3"}, "produce_timeout_s", 3),
     ({"CLICKLOOP_COOKIE_NAME": "aid"}, "cookie_name", "aid"),
+    ({"CLICKLOOP_TOPIC_CONFIGS": "check"}, "topic_configs", "check"),
+    ({"CLICKLOOP_RECOMMENDER_WORKERS": "0"}, "recommender_workers", 0),
 ])
 def test_parsing(env, attr, value):
     assert getattr(Settings.from_env(env), attr) == value
@@ -38,6 +40,8 @@ def test_parsing(env, attr, value):
     ({"CLICKLOOP_ANONYMIZE_IP": "maybe"}, "use true or false"),
     ({"CLICKLOOP_REDIS_URL": "localhost:6379"}, "must start with redis://"),
     ({"CLICKLOOP_LOG_LEVEL": "loud"}, "CLICKLOOP_LOG_LEVEL"),
+    ({"CLICKLOOP_TOPIC_CONFIGS": "fix"}, "CLICKLOOP_TOPIC_CONFIGS='fix': use apply or check"),
+    ({"CLICKLOOP_COLLECTOR_WORKERS": "-1"}, "CLICKLOOP_COLLECTOR_WORKERS=-1 must be at least 0"),
     ({"CLICKLOOP_RECORD_MAX_BYTES": "30000"}, "CLICKLOOP_RECORD_MAX_BYTES=30000 must be at least"),
     ({"CLICKLOOP_RECORD_MAX_BYTES": "2000000"}, "must be at most 1000000"),
     ({"CLICKLOOP_PRODUCE_TIMEOUT_S": "0"}, "CLICKLOOP_PRODUCE_TIMEOUT_S=0 must be at least 1"),
