@@ -175,14 +175,25 @@ def supervise(name: str, command: list[str], n: int, env: dict[str, str],
     return code
 
 
-def _die_with_parent() -> None:
-    """In the forked child before exec: SIGTERM when the supervisor dies (Linux)."""
+def _libc_prctl():
+    """prctl(2), looked up in the supervisor (nothing is imported or loaded in a forked
+    child before exec); None where there is none (not Linux)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the supervisor's own stop still applies
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent() -> None:
+    """In the forked child before exec: SIGTERM when the supervisor dies (Linux; elsewhere
+    the supervisor's own stop still applies)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _forget(pid: int, metrics_dir: str) -> None:
