@@ -60,7 +60,7 @@ def _serve(service: str, settings: Settings) -> None:
 
     from services.workers import serve_command, supervise, worker_count, worker_index
 
-    workers = 1
+    workers, check = 1, None
     if service == "collector":
         from services.collector.app import check, make_app
         host, port, workers = settings.collector_host, settings.collector_port, \
@@ -76,7 +76,7 @@ def _serve(service: str, settings: Settings) -> None:
         host, port = settings.experiments_host, settings.experiments_port
     else:
         raise SystemExit(f"unknown service {service!r}; choose collector, recommender or experiments")
-    if workers > 1 or service == "collector":  # a bad setting: one clear message, no restarts
+    if check is not None:  # a bad setting: one clear message, before any worker starts
         try:
             check(settings)
         except SettingsError as exc:

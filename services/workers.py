@@ -36,9 +36,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from services.prom import MULTIPROCESS_DIR_ENV
+
 WORKER_INDEX_ENV = "CLICKLOOP_WORKER_INDEX"   # set in a worker: bind with SO_REUSEPORT, never fork
 WORKERS_ENV = "CLICKLOOP_WORKERS_OF"          # how many workers the supervisor runs
-METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when imported
 QUICK_EXIT_S = 10.0     # a worker that exits sooner than this after its start died young
 MAX_QUICK_EXITS = 5     # in a row: give up
 FIRST_DELAY_S = 0.5
@@ -102,15 +103,15 @@ def _say(line: str) -> None:
 def supervise(name: str, command: list[str], n: int, env: dict[str, str],
               log=_say) -> int:
     """Run `command` as `n` workers until SIGTERM/SIGINT or until they cannot start."""
-    own_dir = not env.get(METRICS_DIR_ENV)
+    own_dir = not env.get(MULTIPROCESS_DIR_ENV)
     metrics_dir = tempfile.mkdtemp(prefix=f"clickloop-{name}-metrics-") if own_dir \
-        else env[METRICS_DIR_ENV]
+        else env[MULTIPROCESS_DIR_ENV]
     if not own_dir:  # a directory the operator chose: last run's files would be summed in
         os.makedirs(metrics_dir, exist_ok=True)
         for f in os.listdir(metrics_dir):
             if f.endswith(".db"):
                 os.remove(os.path.join(metrics_dir, f))
-    base = {**env, METRICS_DIR_ENV: metrics_dir, WORKERS_ENV: str(n)}
+    base = {**env, MULTIPROCESS_DIR_ENV: metrics_dir, WORKERS_ENV: str(n)}
 
     def spawn(index: int, quick_exits: int = 0) -> _Worker:
         # A session of its own: Ctrl-C in a terminal reaches the supervisor alone, which

@@ -7,9 +7,10 @@ only for counters and the latency histogram.
 
 Under the worker supervisor (services/workers.py, services/prom.py) any worker's
 /metrics reports all of them, so each worker refreshes its gauges every second
-(app.py), not only when it is the one scraped. A series that goes away (an old model version, an ended experiment)
-is set to its "gone" value first (0 for `model_info`, -1 for a posterior
-version), since a worker's file keeps its last value until the worker exits.
+(app.py), not only when it is the one scraped. A series that goes away (an old
+model version, an ended experiment) is set to its "gone" value first (0 for
+`model_info`, -1 for a posterior version), since a worker's file keeps its last
+value until the worker exits.
 """
 from __future__ import annotations
 
