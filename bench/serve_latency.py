@@ -18,9 +18,12 @@ its own event loop). 5 % of requests are for visitors without features.
     5 ms, 0 errors);
 (2) maximum throughput (closed loop, `--connections`) of the recommender and of
     an aiohttp hello-world in the same run: `max_rps=… hello_rps=… ratio=…`
-    (target >= 0.6); with `--workers N` both run N processes on their port
-    (the recommender under its supervisor, CLICKLOOP_RECOMMENDER_WORKERS=N; the
-    hello-world as N processes with SO_REUSEPORT), CPU summed over them;
+    (target >= 0.6), then `floor_rps=… floor_ratio=…`: the same for the floor of
+    any recommender on aiohttp that reads Redis per request (the recommender's
+    query parsing and its one Redis read, then the hello-world's answer); with
+    `--workers N` all run N processes on their port (the recommender under its
+    supervisor, CLICKLOOP_RECOMMENDER_WORKERS=N; the baselines as N processes
+    with SO_REUSEPORT), CPU summed over them;
 (3) `--pause-redis`: the rate run with the private Redis SIGSTOPped for
     `--pause-s` seconds a fifth of the way in: p99 <= 30 ms, 0 errors,
     fallback served, the breaker opens and later closes.
@@ -59,16 +62,38 @@ def http_json(port: int, path: str, timeout: float = 2.0) -> dict:
         return orjson.loads(resp.read())
 
 
-def hello_server(port: int) -> None:
-    """The baseline: aiohttp's smallest JSON answer, same server settings (one of
-    `--workers` processes on the port)."""
+def baseline_server(port: int, floor: bool) -> None:
+    """A baseline, one of `--workers` processes on the port with the recommender's server
+    settings. The aiohttp hello-world: its smallest JSON answer. With `floor` the floor of any recommender on aiohttp that reads Redis per request: the
+    recommender's own query parsing and its one Redis read (the same client, keys and
+    budget, from the recommender's environment), then the same fixed answer: no profile,
+    model, body or exposure."""
     from aiohttp import web
 
+    body = b'{"hello":"world"}'
+
     async def hello(request: web.Request) -> web.Response:
-        return web.Response(body=b'{"hello":"world"}', content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/hello", hello)
+    if floor:
+        from services.recommender.feature_client import FeatureClient
+        from services.recommender.request import parse_query
+        from services.settings import Settings
+
+        settings = Settings.from_env()
+        features = FeatureClient(settings.redis_url, settings.redis_pool)
+        users, topks = settings.redis_key("user", ""), settings.redis_key("topk", "")
+        budget_s = settings.redis_budget_ms / 1000
+
+        async def floor(request: web.Request) -> web.Response:
+            visitor = parse_query(request.query).visitor
+            async with asyncio.timeout(budget_s):
+                await features.read(users + visitor, topks + visitor)
+            return web.Response(body=body, content_type="application/json")
+
+        app.router.add_get("/v1/recommendations", floor)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, reuse_port=True)
 
 
@@ -208,11 +233,12 @@ def main() -> None:
                              "skewed traffic is what the hot-key cache is for")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes of the recommender and of the hello-world (default 1)")
-    parser.add_argument("--hello-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     ZIPF[1] = str(args.zipf)
-    if args.hello_server:
-        return hello_server(args.hello_server)
+    if args.baseline_server:
+        return baseline_server(args.baseline_server, args.floor)
 
     settings = bench_settings()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -281,23 +307,11 @@ def main() -> None:
             print(f"recommender: cache {health['cache']}", flush=True)
             rec.terminate()
             rec.wait(timeout=30)
-            hport = free_port()
-            hellos = [start_service([PYTHON, str(Path(__file__).resolve()), "--hello-server",
-                                     str(hport)], dict(os.environ), work / "hello.log", hport,
-                                    lambda p: urllib.request.urlopen(
-                                        f"http://127.0.0.1:{p}/hello", timeout=1).status == 200)
-                      for _ in range(args.workers)]
-            procs.extend(hellos)
-            time.sleep(1.0)  # the last one bound before it was asked: let it start serving
-            cpu0 = cpu_s([h.pid for h in hellos])
-            base = load(hport, vfile, "--max", seconds=args.max_seconds,
-                        connections=args.connections, path="/hello")
-            cpu = cpu_s([h.pid for h in hellos]) - cpu0
-            print(summary("aiohttp hello-world max", base), flush=True)
-            print(f"hello-world CPU: {cpu:.2f} s in {base['seconds']:.1f} s, "
-                  f"{cpu / base['requests'] * 1e6:.0f} µs per request", flush=True)
+            base = baseline_max(args, work, vfile, procs, env, floor=False)
+            floor = baseline_max(args, work, vfile, procs, env, floor=True)
             print(f"max_rps={best['rps']:.0f} hello_rps={base['rps']:.0f} "
-                  f"ratio={best['rps'] / base['rps']:.2f}", flush=True)
+                  f"ratio={best['rps'] / base['rps']:.2f} floor_rps={floor['rps']:.0f} "
+                  f"floor_ratio={floor['rps'] / base['rps']:.2f}", flush=True)
         print(f"rps={steady['rps']:.0f} p50_ms={steady['p50_ms']:.2f} p99_ms={steady['p99_ms']:.2f} "
               f"errors={steady['errors']}")
     finally:
@@ -310,6 +324,34 @@ def main() -> None:
                     proc.kill()
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def baseline_max(args, work: Path, vfile: Path, procs: list[subprocess.Popen], env: dict,
+                 floor: bool) -> dict:
+    """The maximum throughput of a baseline (baseline_server) with `--workers` processes."""
+    name, path = ("floor (aiohttp + one Redis read)", "/v1/recommendations") if floor \
+        else ("aiohttp hello-world", "/hello")
+    port = free_port()
+    ask = f"{path}?user_id={user_id(0)}" if floor else path
+    servers = [start_service([PYTHON, str(Path(__file__).resolve()), "--baseline-server", str(port),
+                              *(["--floor"] if floor else [])], env, work / "baseline.log", port,
+                             lambda p: urllib.request.urlopen(f"http://127.0.0.1:{p}{ask}",
+                                                              timeout=1).status == 200)
+               for _ in range(args.workers)]
+    procs.extend(servers)
+    time.sleep(1.0)  # the last one bound before it was asked: let it start serving
+    pids = [s.pid for s in servers]
+    cpu0 = cpu_s(pids)
+    result = load(port, vfile, "--max", seconds=args.max_seconds, connections=args.connections,
+                  path=path)
+    cpu = cpu_s(pids) - cpu0
+    print(summary(f"{name} max", result), flush=True)
+    print(f"{name} CPU: {cpu:.2f} s in {result['seconds']:.1f} s, "
+          f"{cpu / result['requests'] * 1e6:.0f} µs per request", flush=True)
+    for server in servers:
+        server.terminate()
+        server.wait(timeout=30)
+    return result
 
 
 def pause_run(args, port: int, vfile: Path, redis: PrivateRedis) -> None:

@@ -19,7 +19,8 @@ for every worker to finish its shutdown (exposures flushed) before it exits.
 
 Metrics: the workers' Prometheus values live in memory-mapped files in one
 directory (prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`,
-a fresh directory per start; services/prom.py), so `/metrics` from any worker
+a fresh directory per start, named after the supervisor's pid so that the next
+start removes those left by a supervisor that was killed; services/prom.py), so `/metrics` from any worker
 sums the counters and histograms of all of them, dead ones included (a restart
 never makes a counter go back), and shows each live worker's gauges with a
 `pid` label. `/health` is the answering worker's own view (the recommender's
@@ -28,12 +29,14 @@ breakers and model, the collector's producer), with `worker_info()`.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from services.prom import MULTIPROCESS_DIR_ENV
@@ -46,6 +49,7 @@ FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 10.0
 STOP_TIMEOUT_S = 30.0
 PR_SET_PDEATHSIG = 1    # <linux/prctl.h>
+_METRICS_DIR = re.compile(r"clickloop-.+-metrics-(\d+)-\w+")   # supervise()'s, with its pid
 
 
 def worker_count(configured: int) -> int:
@@ -104,7 +108,10 @@ def supervise(name: str, command: list[str], n: int, env: dict[str, str],
               log=_say) -> int:
     """Run `command` as `n` workers until SIGTERM/SIGINT or until they cannot start."""
     own_dir = not env.get(MULTIPROCESS_DIR_ENV)
-    metrics_dir = tempfile.mkdtemp(prefix=f"clickloop-{name}-metrics-") if own_dir \
+    if own_dir:
+        for gone in remove_stale_metrics_dirs(tempfile.gettempdir()):
+            log(f"[{name}] removed {gone}: its supervisor is gone")
+    metrics_dir = tempfile.mkdtemp(prefix=f"clickloop-{name}-metrics-{os.getpid()}-") if own_dir \
         else env[MULTIPROCESS_DIR_ENV]
     if not own_dir:  # a directory the operator chose: last run's files would be summed in
         os.makedirs(metrics_dir, exist_ok=True)
@@ -174,6 +181,42 @@ def supervise(name: str, command: list[str], n: int, env: dict[str, str],
         if own_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
+
+
+def stale_metrics_dirs(names: Iterable[str], alive: Callable[[int], bool]) -> list[str]:
+    """The metrics directories among `names` whose supervisor (the pid in the name) is
+    not alive: left by one that was killed before it could remove its own."""
+    return [n for n in names if (m := _METRICS_DIR.fullmatch(n)) and not alive(int(m.group(1)))]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_metrics_dirs(parent: str) -> list[str]:
+    """Remove this user's metrics directories in `parent` whose supervisor is gone; the
+    paths removed."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in stale_metrics_dirs(names, _pid_alive):
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _libc_prctl():

@@ -123,20 +123,38 @@ def test_a_worker_that_cannot_start_makes_the_supervisor_give_up(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "m") if f.endswith(".db")]
 
 
-def test_a_killed_supervisor_takes_its_workers_with_it(tmp_path):
+def test_a_killed_supervisor_takes_its_workers_with_it_and_the_next_start_its_metrics(tmp_path):
     script = ("import sys; from services.workers import supervise; "
               "sys.exit(supervise('sleepers', [sys.executable, '-c', 'import time; time.sleep(60)'],"
               " 2, dict(__import__('os').environ)))")
-    sup = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    sup = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                           env={**env, "TMPDIR": str(tmp_path)})
     line = sup.stdout.readline()
     pids = [int(p) for p in line.split("pids", 1)[1].split()]
     assert len(pids) == 2
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(f"clickloop-sleepers-metrics-{sup.pid}-")]
+    assert len(left) == 1
     sup.kill()
     sup.wait()
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+    assert left[0].is_dir()  # nobody removed it: the supervisor was killed outright
+    # The next supervisor's start removes it, and leaves a live one's alone.
+    mine = tmp_path / f"clickloop-other-metrics-{os.getpid()}-abc"
+    mine.mkdir()
+    again = subprocess.run([sys.executable, "-c", "import sys; from services.workers import supervise; "
+                            "sys.exit(supervise('broken', [sys.executable, '-c', 'raise SystemExit(3)'],"
+                            " 1, dict(__import__('os').environ)))"],
+                           env={**env, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE, text=True,
+                           timeout=60)
+    lines = again.stdout.splitlines()
+    assert again.returncode == 1
+    assert f"[broken] removed {left[0]}: its supervisor is gone" in lines
+    assert not left[0].exists() and mine.is_dir()
+    assert not [p for p in tmp_path.iterdir() if "-metrics-" in p.name and p != mine]
 
 
 def _alive(pid: int) -> bool:

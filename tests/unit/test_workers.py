@@ -6,7 +6,7 @@ import os
 import pytest
 
 from services.workers import (FIRST_DELAY_S, MAX_DELAY_S, MAX_QUICK_EXITS, QUICK_EXIT_S,
-                              next_restart, worker_count)
+                              next_restart, stale_metrics_dirs, worker_count)
 
 
 def test_a_worker_that_lived_long_is_restarted_at_once_and_the_streak_resets():
@@ -42,3 +42,13 @@ def test_a_configured_count_is_taken_as_it_is(configured):
 
 def test_zero_means_one_worker_per_usable_cpu():
     assert worker_count(0) == len(os.sched_getaffinity(0)) >= 1
+
+
+def test_stale_metrics_dirs_are_those_of_supervisors_no_longer_alive():
+    names = ["clickloop-recommender-metrics-101-abc_12x", "clickloop-collector-metrics-202-zz9",
+             "clickloop-my-svc-metrics-303-q1", "clickloop-recommender-metrics-k3j2h1g0",
+             "clickloop-recommender-metrics-404-", "something-else-505-x", "clickloop-x-metrics-606-a/b"]
+    alive = {202}
+    assert stale_metrics_dirs(names, lambda pid: pid in alive) == [
+        "clickloop-recommender-metrics-101-abc_12x", "clickloop-my-svc-metrics-303-q1"]
+    assert stale_metrics_dirs(names[:3], lambda pid: True) == []
