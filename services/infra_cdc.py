@@ -459,12 +459,48 @@ def stop_service(settings: Settings, svc: Service) -> bool:
     return stop_postgres(settings) if svc.name == "postgres" else stop(svc)
 
 
+def slot_status(settings: Settings) -> dict[str, object] | None:
+    """The connector's replication slot as PostgreSQL sees it, None when there is none:
+    `active` (a connector reads it), `wal_status` (reserved, extended, unreserved, or
+    lost: invalidated past max_slot_wal_keep_size, the changes since are gone and the
+    connector needs a new snapshot) and `retained_bytes` of WAL it holds back."""
+    row = psql(settings, "SELECT active, coalesce(wal_status, ''), "
+                         "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint "
+                         "FROM pg_replication_slots "
+                         f"WHERE slot_name = {_literal(slot_name(settings))}").strip()
+    if not row:
+        return None
+    active, wal_status, retained = row.split("|")
+    return {"active": active == "t", "wal_status": wal_status, "retained_bytes": int(retained)}
+
+
+def slot_line(slot: dict[str, object] | None, name: str) -> str:
+    """`cdc status`'s line for the slot (pure)."""
+    if slot is None:
+        return f"{name}: none (the connector creates it)"
+    line = (f"{name}: {'active' if slot['active'] else 'inactive'}, WAL {slot['wal_status'] or '?'}, "
+            f"retains {int(slot['retained_bytes']) / 2 ** 20:.1f} MiB")  # type: ignore[call-overload]
+    if slot["wal_status"] == "lost":
+        line += (" — invalidated: the changes since are gone from the WAL; reset the "
+                 "connector's offsets (Connect: PUT /connectors/<name>/stop, then DELETE "
+                 "/connectors/<name>/offsets) so that it takes a new snapshot")
+    elif not slot["active"]:
+        line += " — nothing reads it: it holds WAL back until a connector resumes or it is dropped"
+    return line
+
+
 def status(settings: Settings) -> dict[str, str]:
     pg = postgres_service(settings)
-    pg_line = (f"{'up' if pg_ready(settings) else 'down'} at {settings.pg_host}:{settings.pg_port} "
+    up = pg_ready(settings)
+    pg_line = (f"{'up' if up else 'down'} at {settings.pg_host}:{settings.pg_port} "
                f"database {settings.pg_database}"
                + (f" (log {pg.state_dir / 'postgres.log'})" if managed_postgres(settings) else ""))
     out = {"postgres": pg_line}
+    if up:
+        try:
+            out["slot"] = slot_line(slot_status(settings), slot_name(settings))
+        except InfraError as exc:  # no right to read pg_replication_slots, psql missing
+            out["slot"] = f"{slot_name(settings)}: unknown ({exc})"
     if connect_ready(settings):
         state = connector_state(settings)
         conn = ("not registered" if state is None else
