@@ -64,10 +64,11 @@ def http_json(port: int, path: str, timeout: float = 2.0) -> dict:
 
 def baseline_server(port: int, floor: bool) -> None:
     """A baseline, one of `--workers` processes on the port with the recommender's server
-    settings. The aiohttp hello-world: its smallest JSON answer. With `floor` the floor of any recommender on aiohttp that reads Redis per request: the
-    recommender's own query parsing and its one Redis read (the same client, keys and
-    budget, from the recommender's environment), then the same fixed answer: no profile,
-    model, body or exposure."""
+    settings. The aiohttp hello-world: its smallest JSON answer. With `floor`, the floor
+    of any recommender on aiohttp that reads Redis per request: the recommender's own
+    query parsing and its one Redis read (the same client, keys and budget, from the
+    recommender's environment), then the same fixed answer: no profile, model, body or
+    exposure."""
     from aiohttp import web
 
     body = b'{"hello":"world"}'

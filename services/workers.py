@@ -19,12 +19,13 @@ for every worker to finish its shutdown (exposures flushed) before it exits.
 
 Metrics: the workers' Prometheus values live in memory-mapped files in one
 directory (prometheus_client's multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`,
-a fresh directory per start, named after the supervisor's pid so that the next
-start removes those left by a supervisor that was killed; services/prom.py), so `/metrics` from any worker
-sums the counters and histograms of all of them, dead ones included (a restart
-never makes a counter go back), and shows each live worker's gauges with a
-`pid` label. `/health` is the answering worker's own view (the recommender's
-breakers and model, the collector's producer), with `worker_info()`.
+a fresh directory per start, named after the supervisor's pid and pid namespace
+so that the next start in that namespace removes those a killed supervisor left;
+services/prom.py), so `/metrics` from any worker sums the counters and
+histograms of all of them, dead ones included (a restart never makes a counter
+go back), and shows each live worker's gauges with a `pid` label. `/health`
+is the answering worker's own view (the recommender's breakers and model, the
+collector's producer), with `worker_info()`.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 10.0
 STOP_TIMEOUT_S = 30.0
 PR_SET_PDEATHSIG = 1    # <linux/prctl.h>
-_METRICS_DIR = re.compile(r"clickloop-.+-metrics-(\d+)-\w+")   # supervise()'s, with its pid
+_METRICS_DIR = re.compile(r"clickloop-.+-metrics-(\d+)-(\d+)-\w+")   # supervise()'s: ns, pid
 
 
 def worker_count(configured: int) -> int:
@@ -111,7 +112,8 @@ def supervise(name: str, command: list[str], n: int, env: dict[str, str],
     if own_dir:
         for gone in remove_stale_metrics_dirs(tempfile.gettempdir()):
             log(f"[{name}] removed {gone}: its supervisor is gone")
-    metrics_dir = tempfile.mkdtemp(prefix=f"clickloop-{name}-metrics-{os.getpid()}-") if own_dir \
+    metrics_dir = tempfile.mkdtemp(prefix=f"clickloop-{name}-metrics-{_pid_namespace()}-"
+                                          f"{os.getpid()}-") if own_dir \
         else env[MULTIPROCESS_DIR_ENV]
     if not own_dir:  # a directory the operator chose: last run's files would be summed in
         os.makedirs(metrics_dir, exist_ok=True)
@@ -183,10 +185,22 @@ def supervise(name: str, command: list[str], n: int, env: dict[str, str],
     return code
 
 
-def stale_metrics_dirs(names: Iterable[str], alive: Callable[[int], bool]) -> list[str]:
-    """The metrics directories among `names` whose supervisor (the pid in the name) is
-    not alive: left by one that was killed before it could remove its own."""
-    return [n for n in names if (m := _METRICS_DIR.fullmatch(n)) and not alive(int(m.group(1)))]
+def stale_metrics_dirs(names: Iterable[str], namespace: int,
+                       alive: Callable[[int], bool]) -> list[str]:
+    """The metrics directories among `names` made in pid namespace `namespace` whose
+    supervisor (the pid in the name) is not alive: left by one that was killed before it
+    could remove its own. Another namespace's (a container sharing the temp directory)
+    are never judged: its pids mean other processes."""
+    return [n for n in names if (m := _METRICS_DIR.fullmatch(n)) and int(m.group(1)) == namespace
+            and not alive(int(m.group(2)))]
+
+
+def _pid_namespace() -> int:
+    """The inode of this process's pid namespace (0 where there is no /proc)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -207,7 +221,7 @@ def remove_stale_metrics_dirs(parent: str) -> list[str]:
     except OSError:
         return []
     removed = []
-    for name in stale_metrics_dirs(names, _pid_alive):
+    for name in stale_metrics_dirs(names, _pid_namespace(), _pid_alive):
         path = os.path.join(parent, name)
         try:
             if os.lstat(path).st_uid != os.getuid():

@@ -133,7 +133,9 @@ def test_a_killed_supervisor_takes_its_workers_with_it_and_the_next_start_its_me
     line = sup.stdout.readline()
     pids = [int(p) for p in line.split("pids", 1)[1].split()]
     assert len(pids) == 2
-    left = [p for p in tmp_path.iterdir() if p.name.startswith(f"clickloop-sleepers-metrics-{sup.pid}-")]
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    left = [p for p in tmp_path.iterdir()
+            if p.name.startswith(f"clickloop-sleepers-metrics-{ns}-{sup.pid}-")]
     assert len(left) == 1
     sup.kill()
     sup.wait()
@@ -143,7 +145,9 @@ def test_a_killed_supervisor_takes_its_workers_with_it_and_the_next_start_its_me
     assert not any(_alive(p) for p in pids)
     assert left[0].is_dir()  # nobody removed it: the supervisor was killed outright
     # The next supervisor's start removes it, and leaves a live one's alone.
-    mine = tmp_path / f"clickloop-other-metrics-{os.getpid()}-abc"
+    mine = tmp_path / f"clickloop-other-metrics-{ns}-{os.getpid()}-abc"
+    elsewhere = tmp_path / f"clickloop-other-metrics-{ns + 1}-{sup.pid}-abc"   # another namespace
+    elsewhere.mkdir()
     mine.mkdir()
     again = subprocess.run([sys.executable, "-c", "import sys; from services.workers import supervise; "
                             "sys.exit(supervise('broken', [sys.executable, '-c', 'raise SystemExit(3)'],"
@@ -153,8 +157,8 @@ def test_a_killed_supervisor_takes_its_workers_with_it_and_the_next_start_its_me
     lines = again.stdout.splitlines()
     assert again.returncode == 1
     assert f"[broken] removed {left[0]}: its supervisor is gone" in lines
-    assert not left[0].exists() and mine.is_dir()
-    assert not [p for p in tmp_path.iterdir() if "-metrics-" in p.name and p != mine]
+    assert not left[0].exists() and mine.is_dir() and elsewhere.is_dir()
+    assert not [p for p in tmp_path.iterdir() if "-metrics-" in p.name and p not in (mine, elsewhere)]
 
 
 def _alive(pid: int) -> bool:

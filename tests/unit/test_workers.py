@@ -44,11 +44,15 @@ def test_zero_means_one_worker_per_usable_cpu():
     assert worker_count(0) == len(os.sched_getaffinity(0)) >= 1
 
 
-def test_stale_metrics_dirs_are_those_of_supervisors_no_longer_alive():
-    names = ["clickloop-recommender-metrics-101-abc_12x", "clickloop-collector-metrics-202-zz9",
-             "clickloop-my-svc-metrics-303-q1", "clickloop-recommender-metrics-k3j2h1g0",
-             "clickloop-recommender-metrics-404-", "something-else-505-x", "clickloop-x-metrics-606-a/b"]
+def test_stale_metrics_dirs_are_those_of_supervisors_no_longer_alive_in_this_namespace():
+    names = ["clickloop-recommender-metrics-7-101-abc_12x", "clickloop-collector-metrics-7-202-zz9",
+             "clickloop-my-svc-metrics-7-303-q1", "clickloop-recommender-metrics-k3j2h1g0",
+             "clickloop-recommender-metrics-7-404-", "something-else-7-505-x",
+             "clickloop-x-metrics-7-606-a/b", "clickloop-recommender-metrics-8-707-xy",
+             "clickloop-recommender-metrics-101-abc"]
     alive = {202}
-    assert stale_metrics_dirs(names, lambda pid: pid in alive) == [
-        "clickloop-recommender-metrics-101-abc_12x", "clickloop-my-svc-metrics-303-q1"]
-    assert stale_metrics_dirs(names[:3], lambda pid: True) == []
+    assert stale_metrics_dirs(names, 7, lambda pid: pid in alive) == [
+        "clickloop-recommender-metrics-7-101-abc_12x", "clickloop-my-svc-metrics-7-303-q1"]
+    assert stale_metrics_dirs(names, 7, lambda pid: True) == []
+    # another pid namespace's directory: its pid means another process there
+    assert stale_metrics_dirs(names, 8, lambda pid: False) == ["clickloop-recommender-metrics-8-707-xy"]
