@@ -305,7 +305,10 @@ def main() -> None:
             print(f"recommender CPU: {cpu:.2f} s in {best['seconds']:.1f} s, "
                   f"{cpu / best['requests'] * 1e6:.0f} µs per request", flush=True)
             health = http_json(port, "/health")
-            print(f"recommender: cache {health['cache']}", flush=True)
+            batches = health["scoring"]["batches"]
+            print(f"recommender: cache {health['cache']}; scoring batches {batches}, "
+                  f"{health['scoring']['scored'] / max(1, batches):.2f} requests each "
+                  "(since the start)", flush=True)
             rec.terminate()
             rec.wait(timeout=30)
             base = baseline_max(args, work, vfile, procs, env, floor=False)

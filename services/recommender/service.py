@@ -9,7 +9,9 @@ For one request (`recommend`):
    the fallback;
 4. scoring: the precomputed top-k when it is by the served version and still
    holds k unseen items, else local numpy inference (`ranking.rank`) on the
-   user's row, their fold-in vector, or popularity alone (`cold_start`);
+   user's row, their fold-in vector, or popularity alone (`cold_start`); the
+   requests that reach this point in one turn of the event loop score back to
+   back on the next (`turn_batch.TurnBatch`: the item matrix stays in cache);
 5. the fallback ranks the live popular list (in memory, `PopularList`), or the
    model's training popularity when that list is empty: never an error.
 The exposure is queued (not awaited) and the shadow model, for sampled
@@ -45,6 +47,7 @@ from services.recommender.profile import Profile, profile_of
 from services.recommender.ranking import Ranking, fallback, rank
 from services.recommender.request import Query, in_shadow
 from services.recommender.topic_log import TopicLog
+from services.recommender.turn_batch import TurnBatch
 from services.settings import Settings
 from streams import topics
 
@@ -125,6 +128,7 @@ class Recommender:
         self.allocation = Allocation(settings.recommender_surface, settings.bandit_sticky_s * 1000)
         self.experiments = ExperimentFeed(settings, self.allocation)
         self.topk_prefix = settings.redis_key("topk", "")
+        self.scoring: TurnBatch[tuple[tuple[Ranking, str], bool]] = TurnBatch()
 
     def _model_event(self, name: str, outcome: str) -> None:
         (self.metrics.model_loaded if outcome == "loaded" else self.metrics.model_failed).inc()
@@ -236,19 +240,26 @@ class Recommender:
         if not breaker.allow(now):
             return self._fallback(query, "model_open", model, profile)
         left_ns = (self.budget_ms - (now - start)) * 1_000_000
-        t0, cpu0 = time.perf_counter_ns(), time.thread_time_ns()
+
+        def scored() -> tuple[tuple[Ranking, str], bool]:
+            # The model fails the breaker when scoring itself costs more than the budget
+            # left when it started (after Redis): CPU time of this thread, not wall time,
+            # so waiting for the GIL or a core (a model loading in a thread, another
+            # process) never opens it. The thread's CPU clock is a system call (~1.5 % of
+            # the CPU per read here), so it is read again only when the wall time, never
+            # below it, is over the budget. Measured inside the batch: the scorings
+            # before this one in its batch are not this one's cost.
+            t0, cpu0 = time.perf_counter_ns(), time.thread_time_ns()
+            out = score(model, query, profile)
+            return out, (time.perf_counter_ns() - t0 < left_ns
+                         or time.thread_time_ns() - cpu0 < left_ns)
+
         try:
-            ranking, source = score(model, query, profile)
+            (ranking, source), ok = await self.scoring.submit(scored)
         except Exception:  # a broken model must not become a 5xx
             breaker.record(False, _mono_ms())
             log.exception("scoring with %s %s failed", model.name, model.version)
             return self._fallback(query, "model_error", model, profile)
-        # The model fails the breaker when scoring itself costs more than the budget left
-        # when it started (after Redis): CPU time of this thread, not wall time, so waiting
-        # for the GIL or a core (a model loading in a thread, another process) never opens
-        # it. The thread's CPU clock is a system call (~1.5 % of the CPU per read here), so
-        # it is read again only when the wall time, never below it, is over the budget.
-        ok = time.perf_counter_ns() - t0 < left_ns or time.thread_time_ns() - cpu0 < left_ns
         breaker.record(ok, _mono_ms())
         return Answer(ranking, source, None, model, profile)
 
@@ -306,6 +317,7 @@ class Recommender:
                             "age_ms": popular.age_ms() if popular else None},
                 "cache": {"entries": len(self.cache), "hits": self.cache.hits,
                           "misses": self.cache.misses},
+                "scoring": {"batches": self.scoring.batches, "scored": self.scoring.jobs},
                 "wrong_type_keys": self.features.wrong_type if self.features else 0,
                 "exposures": {"sent": self.exposures.sent, "dropped": self.exposures.dropped,
                               "buffered": len(self.exposures.buffer),
