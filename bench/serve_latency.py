@@ -90,8 +90,11 @@ def baseline_server(port: int, floor: bool) -> None:
 
         async def floor(request: web.Request) -> web.Response:
             visitor = parse_query(request.query).visitor
-            async with asyncio.timeout(budget_s):
-                await features.read(users + visitor, topks + visitor)
+            try:  # past the budget the recommender answers its fallback: so does the floor
+                async with asyncio.timeout(budget_s):
+                    await features.read(users + visitor, topks + visitor)
+            except TimeoutError:
+                pass
             return web.Response(body=body, content_type="application/json")
 
         app.router.add_get("/v1/recommendations", floor)

@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from glob import glob
 from pathlib import Path
+from typing import NamedTuple
 
 from services.infra import InfraError, Service, port_open, stop, wait_ready
 from services.settings import REPO_ROOT, Settings
@@ -459,11 +460,18 @@ def stop_service(settings: Settings, svc: Service) -> bool:
     return stop_postgres(settings) if svc.name == "postgres" else stop(svc)
 
 
-def slot_status(settings: Settings) -> dict[str, object] | None:
-    """The connector's replication slot as PostgreSQL sees it, None when there is none:
-    `active` (a connector reads it), `wal_status` (reserved, extended, unreserved, or
-    lost: invalidated past max_slot_wal_keep_size, the changes since are gone and the
-    connector needs a new snapshot) and `retained_bytes` of WAL it holds back."""
+class Slot(NamedTuple):
+    """A replication slot as PostgreSQL sees it."""
+
+    active: bool          # a connector reads it
+    wal_status: str       # reserved, extended, unreserved, or lost: invalidated past
+                          # max_slot_wal_keep_size, the changes since are gone and the
+                          # connector needs a new snapshot
+    retained_bytes: int   # WAL it holds back
+
+
+def slot_status(settings: Settings) -> Slot | None:
+    """The connector's replication slot, None when there is none."""
     row = psql(settings, "SELECT active, coalesce(wal_status, ''), "
                          "coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint "
                          "FROM pg_replication_slots "
@@ -471,20 +479,20 @@ def slot_status(settings: Settings) -> dict[str, object] | None:
     if not row:
         return None
     active, wal_status, retained = row.split("|")
-    return {"active": active == "t", "wal_status": wal_status, "retained_bytes": int(retained)}
+    return Slot(active == "t", wal_status, int(retained))
 
 
-def slot_line(slot: dict[str, object] | None, name: str) -> str:
+def slot_line(slot: Slot | None, name: str) -> str:
     """`cdc status`'s line for the slot (pure)."""
     if slot is None:
         return f"{name}: none (the connector creates it)"
-    line = (f"{name}: {'active' if slot['active'] else 'inactive'}, WAL {slot['wal_status'] or '?'}, "
-            f"retains {int(slot['retained_bytes']) / 2 ** 20:.1f} MiB")  # type: ignore[call-overload]
-    if slot["wal_status"] == "lost":
+    line = (f"{name}: {'active' if slot.active else 'inactive'}, WAL {slot.wal_status or '?'}, "
+            f"retains {slot.retained_bytes / 2 ** 20:.1f} MiB")
+    if slot.wal_status == "lost":
         line += (" — invalidated: the changes since are gone from the WAL; reset the "
                  "connector's offsets (Connect: PUT /connectors/<name>/stop, then DELETE "
                  "/connectors/<name>/offsets) so that it takes a new snapshot")
-    elif not slot["active"]:
+    elif not slot.active:
         line += " — nothing reads it: it holds WAL back until a connector resumes or it is dropped"
     return line
 

@@ -198,6 +198,7 @@ def test_cdc_cli_up_is_idempotent_and_reports_status(source: Settings):
     assert f"connector: {name}: RUNNING" in status.stdout
     assert f"slot: {infra_cdc.slot_name(source)}: active, WAL reserved, retains " in status.stdout
     held = infra_cdc.slot_status(source)
-    assert held is not None and held["active"] and held["retained_bytes"] >= 0
+    assert held is not None and held.active and held.wal_status == "reserved" \
+        and held.retained_bytes >= 0
     wal = infra_cdc.psql(source, "SHOW wal_level").strip()
     assert wal == "logical"

@@ -442,6 +442,33 @@ async def test_gc_policy_young_collections_per_requests_and_timed_full_ones(sett
     await redis.aclose()
 
 
+async def test_requests_ready_in_one_turn_score_in_one_batch_with_their_own_answers(settings):
+    """The scorings of requests that reach the model in the same turn of the event loop run
+    as one batch (turn_batch.py), each answer the one it gets alone; /health counts them."""
+    from services.recommender.app import RECOMMENDER
+    from services.recommender.request import parse_query
+
+    redis = aioredis.from_url(settings.redis_url)
+    s = tuned(settings, feature_cache_ms=60_000)   # cached profiles: no await before scoring
+    await seed(s, redis)
+    async with TestClient(TestServer(make_app(s))) as client:
+        asks = [{"user_id": user_id(1), "k": "3"}, {"anonymous_id": "anon-1", "k": "5"},
+                {"user_id": user_id(1), "k": "4", "exclude_seen": "false"}]
+        alone = [await get(client, **ask) for ask in asks]   # also fills the hot-key cache
+        assert all(status == 200 and body["path"] == "model" for status, body in alone)
+        service = client.server.app[RECOMMENDER]
+        before = (await (await client.get("/health")).json())["scoring"]
+        assert before == {"batches": 3, "scored": 3}
+        answers = await asyncio.gather(*(service.recommend(parse_query(ask)) for ask in asks * 2))
+        assert (service.scoring.batches, service.scoring.jobs) == (4, 9), "one batch of six"
+        for answer, (_, body) in zip(answers, alone * 2):
+            assert answer.reason is None and answer.ranking.path == "model"
+            assert answer.ranking.items == [i["item_id"] for i in body["items"]]
+        health = await (await client.get("/health")).json()
+        assert health["scoring"] == {"batches": 4, "scored": 9}
+    await redis.aclose()
+
+
 async def test_model_breaker_counts_scoring_cpu_time_not_waiting(settings, monkeypatch):
     """Scoring that waits (the GIL held by a model loading in a thread, a busy core) past the
     budget never fails the model breaker; scoring that computes past it does, and opens it."""

@@ -1,7 +1,7 @@
 """`clickloop cdc status`'s replication slot line (pure)."""
 from __future__ import annotations
 
-from services.infra_cdc import slot_line
+from services.infra_cdc import Slot, slot_line
 
 
 def test_no_slot_yet():
@@ -9,16 +9,16 @@ def test_no_slot_yet():
 
 
 def test_an_active_slot_shows_its_wal_status_and_what_it_retains():
-    line = slot_line({"active": True, "wal_status": "reserved", "retained_bytes": 3 * 2 ** 20}, "s1")
+    line = slot_line(Slot(True, "reserved", 3 * 2 ** 20), "s1")
     assert line == "s1: active, WAL reserved, retains 3.0 MiB"
 
 
 def test_an_inactive_slot_says_it_holds_wal_back():
-    line = slot_line({"active": False, "wal_status": "extended", "retained_bytes": 0}, "s1")
+    line = slot_line(Slot(False, "extended", 0), "s1")
     assert line.startswith("s1: inactive, WAL extended, retains 0.0 MiB — nothing reads it")
 
 
 def test_a_lost_slot_says_a_new_snapshot_is_needed():
-    line = slot_line({"active": False, "wal_status": "lost", "retained_bytes": 0}, "s1")
+    line = slot_line(Slot(False, "lost", 0), "s1")
     assert "invalidated" in line and "DELETE /connectors/<name>/offsets" in line
     assert "nothing reads it" not in line
