@@ -64,8 +64,11 @@ async def test_click_to_recommendation(settings, workers):
 
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
+        # Clicks and sessions are two topics, read in no set order: a worker that starts
+        # behind may apply the session first and the clicks in a later flush.
         raw = await eventually(lambda: redis.hgetall(settings.redis_key("user", "alice")),
-                               lambda f: f.get(b"activity:sessions_7d") == b"1",
+                               lambda f: f.get(b"activity:sessions_7d") == b"1"
+                               and f.get(b"recent:items", b"[]") != b"[]",
                                what="alice's features")
         alice_features = read(USER, FEATURE_SET_VERSION, raw, now=0).groups
         assert alice_features["activity"].values["last_seen"] == iso_to_ms(at(2))
