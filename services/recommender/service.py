@@ -5,14 +5,17 @@ For one request (`recommend`):
    user hash and the precomputed top-k) under the Redis budget and the Redis
    breaker; a timeout or an error counts as a failure for the breaker;
 2. the model reference, taken once (a hot swap never splits a request);
-3. past the total budget already, or the model breaker open, or no model:
-   the fallback;
-4. scoring: the precomputed top-k when it is by the served version and still
-   holds k unseen items, else local numpy inference (`ranking.rank`) on the
-   user's row, their fold-in vector, or popularity alone (`cold_start`); the
-   requests that reach this point in one turn of the event loop score back to
-   back on the next (`turn_batch.TurnBatch`: the item matrix stays in cache);
-5. the fallback ranks the live popular list (in memory, `PopularList`), or the
+3. past the total budget already, or no model: the fallback;
+4. an answer that needs no scoring, at once: the precomputed top-k when it is
+   by the served version and still holds k unseen items, or the ranking
+   memoized on the cached profile (`known`; no model call, so the model
+   breaker neither gates nor counts it);
+5. the model breaker open: the fallback; else scoring, local inference
+   (`ranking.rank`) on the user's row, their fold-in vector, or popularity
+   alone (`cold_start`); the requests that reach this point in one turn of
+   the event loop score back to back on the next (`turn_batch.TurnBatch`:
+   the item matrix stays in cache);
+6. the fallback ranks the live popular list (in memory, `PopularList`), or the
    model's training popularity when that list is empty: never an error.
 The exposure is queued (not awaited) and the shadow model, for sampled
 requests, scores on a later turn of the event loop, after the answer left.
@@ -81,21 +84,32 @@ def breaker_config(settings: Settings) -> BreakerConfig:
                          sleep_ms=settings.breaker_sleep_ms)
 
 
-def score(model: ServedModel, query: Query, profile: Profile) -> tuple[Ranking, str]:
-    """The model's top k for a visitor (pure but for the vector memo on the profile)."""
-    seen = profile.seen if query.exclude_seen else frozenset()
+def _memo_key(model: ServedModel, query: Query) -> tuple:
+    return model.version, model.content_sha256, query.k, query.exclude_seen
+
+
+def known(model: ServedModel, query: Query, profile: Profile) -> tuple[Ranking, str] | None:
+    """The model's top k for a visitor when no scoring is needed (pure): the precomputed
+    list by this model version, or the ranking memoized on the cached profile; else None."""
     topk = profile.topk
     # The precomputed list left out the user's training history: it answers only a request
     # that excludes seen items (with exclude_seen=false, online scoring keeps them).
     if query.exclude_seen and topk is not None and topk.version == model.version \
             and topk.name == model.name:
+        seen = profile.seen
         kept = [(i, s) for i, s in topk.items if i not in seen][:query.k]
         if len(kept) >= query.k:
             return Ranking([i for i, _ in kept], [s for _, s in kept], "model"), "precomputed"
-    memo = (model.version, model.content_sha256, query.k, query.exclude_seen)
-    done = profile.rankings.get(memo)
+    return profile.rankings.get(_memo_key(model, query)) if profile.rankings else None
+
+
+def score(model: ServedModel, query: Query, profile: Profile) -> tuple[Ranking, str]:
+    """The model's top k for a visitor (pure but for the ranking memo on the profile)."""
+    done = known(model, query, profile)
     if done is not None:
         return done
+    seen = profile.seen if query.exclude_seen else frozenset()
+    memo = _memo_key(model, query)
     vector = model.vector(query.visitor, profile.recent)
     ranking = rank(model.catalogue, vector, query.k, seen, n_interactions=len(profile.recent))
     out = ranking, "online" if vector is not None else "prior"
@@ -236,6 +250,11 @@ class Recommender:
         now = _mono_ms()
         if now - start >= self.budget_ms:
             return self._fallback(query, "budget", model, profile)
+        # An answer that needs no scoring (precomputed, or memoized on the cached profile)
+        # is served at once: no model call, so no turn of the loop and no breaker.
+        done = known(model, query, profile)
+        if done is not None:
+            return Answer(done[0], done[1], None, model, profile)
         breaker = self.model_breaker
         if not breaker.allow(now):
             return self._fallback(query, "model_open", model, profile)

@@ -459,6 +459,14 @@ async def test_requests_ready_in_one_turn_score_in_one_batch_with_their_own_answ
         service = client.server.app[RECOMMENDER]
         before = (await (await client.get("/health")).json())["scoring"]
         assert before == {"batches": 3, "scored": 3}
+        # Asked again, the same questions are answered from the rankings memoized on the
+        # cached profiles, at once, without scoring:
+        again = await asyncio.gather(*(service.recommend(parse_query(ask)) for ask in asks))
+        assert (service.scoring.batches, service.scoring.jobs) == (3, 3), "memo hits score nothing"
+        assert [a.ranking.items for a in again] == [[i["item_id"] for i in body["items"]]
+                                                    for _, body in alone]
+        for visitor in (user_id(1), "anon-1"):   # forget them: now every request scores
+            service.cache.get(visitor, 0).rankings.clear()
         answers = await asyncio.gather(*(service.recommend(parse_query(ask)) for ask in asks * 2))
         assert (service.scoring.batches, service.scoring.jobs) == (4, 9), "one batch of six"
         for answer, (_, body) in zip(answers, alone * 2):
