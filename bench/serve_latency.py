@@ -62,6 +62,15 @@ def http_json(port: int, path: str, timeout: float = 2.0) -> dict:
         return orjson.loads(resp.read())
 
 
+def young_gc(port: int) -> tuple[float, float]:
+    """The recommender's young collections so far (count, seconds), from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        got = {line.split(" ")[0]: float(line.split(" ")[1]) for line in resp.read().decode().splitlines()
+               if line.startswith("clickloop_recommender_gc_pause_seconds_") and 'generation="0"' in line}
+    return (got.get('clickloop_recommender_gc_pause_seconds_count{generation="0"}', 0.0),
+            got.get('clickloop_recommender_gc_pause_seconds_sum{generation="0"}', 0.0))
+
+
 def baseline_server(port: int, floor: bool) -> None:
     """A baseline, one of `--workers` processes on the port with the recommender's server
     settings. The aiohttp hello-world: its smallest JSON answer. With `floor`, the floor
@@ -301,9 +310,9 @@ def main() -> None:
         print("metrics: " + "; ".join(gc_lines), flush=True)
 
         if not args.skip_max:
-            cpu0 = cpu_s([rec.pid])
+            cpu0, gc0 = cpu_s([rec.pid]), young_gc(port)
             best = load(port, vfile, "--max", seconds=args.max_seconds, connections=args.connections)
-            cpu = cpu_s([rec.pid]) - cpu0
+            cpu, gc1 = cpu_s([rec.pid]) - cpu0, young_gc(port)
             print(summary("recommender max", best), flush=True)
             print(f"recommender CPU: {cpu:.2f} s in {best['seconds']:.1f} s, "
                   f"{cpu / best['requests'] * 1e6:.0f} µs per request", flush=True)
@@ -312,6 +321,10 @@ def main() -> None:
             print(f"recommender: cache {health['cache']}; scoring batches {batches}, "
                   f"{health['scoring']['scored'] / max(1, batches):.2f} requests each "
                   "(since the start)", flush=True)
+            collections, paused = gc1[0] - gc0[0], gc1[1] - gc0[1]
+            print(f"recommender young collections during the max run (the worker that answered "
+                  f"/metrics): {collections:.0f}, {paused / max(collections, 1) * 1e3:.2f} ms each, "
+                  f"{paused / best['requests'] * 1e6 * args.workers:.1f} µs per request", flush=True)
             rec.terminate()
             rec.wait(timeout=30)
             base = baseline_max(args, work, vfile, procs, env, floor=False)
