@@ -515,4 +515,17 @@ async def test_model_breaker_counts_scoring_cpu_time_not_waiting(settings, monke
         assert (await model_breaker())["state"] == "open"
         _, body = await get(client, user_id=user_id(1), k=3)
         assert body["path"] == "fallback" and body["reason"] == "model_open"
+
+        # An answer that calls no model is not the breaker's: a precomputed top-k by the
+        # served version is still served while it is open, and not counted by it.
+        before = await model_breaker()
+        topk = [[item_id(j), 1.0 - j / 100] for j in (40, 41, 42)]
+        await redis.set(s.redis_key("topk", user_id(1)), orjson.dumps(
+            {"name": "als", "version": "v1", "items": topk, "computed_ms": now_ms()}), ex=60)
+        _, body = await get(client, user_id=user_id(1), k=3)
+        assert (body["path"], body["source"], body["reason"]) == ("model", "precomputed", None)
+        assert [i["item_id"] for i in body["items"]] == [item_id(j) for j in (40, 41, 42)]
+        after = await model_breaker()
+        assert (after["state"], after["requests"], after["rejected"]) == \
+            ("open", before["requests"], before["rejected"])
     await redis.aclose()
