@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Literal, NotRequired, TypedDict
 
-from aiokafka.partitioner import murmur2
+from streams.partitioning import key_partition
 
 SCHEMA_VERSION = 1
 
@@ -83,4 +83,4 @@ def visitor_key(event: ClickEvent) -> str:
 
 def partition_of(visitor: str, partitions: int) -> int:
     """The `clicks` partition of a visitor: Kafka's default partitioner on the key bytes."""
-    return (murmur2(visitor.encode()) & 0x7FFFFFFF) % partitions
+    return key_partition(visitor.encode(), partitions)

@@ -41,12 +41,12 @@ from aiokafka.errors import ConsumerStoppedError
 
 from services.settings import Settings
 from streams import topics
-from streams._native import murmur2
 from streams.app import FETCH_MAX_WAIT_MS, now
 from streams.debezium import ChangeEvent, decode
 from streams.dlq import dlq_record
 from streams.history import HistoryConfig, Outputs, TableHistory
 from streams.meter import Meter
+from streams.partitioning import key_partition
 from streams.txstate import TransactionalState
 
 log = logging.getLogger("clickloop.cdc_history")
@@ -282,7 +282,7 @@ async def _emit(txn, history_topic: str, out: Outputs) -> None:
     count = txn.partition_counts.get(history_topic) or await txn.partition_count(history_topic)
     for version in out.versions:
         key = version["key_id"].encode()
-        txn.append(history_topic, (murmur2(key) & 0x7FFFFFFF) % count, key, orjson.dumps(version))
+        txn.append(history_topic, key_partition(key, count), key, orjson.dumps(version))
 
 
 def offline_history(records: list[tuple[bytes | None, bytes | None, list]],

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 import orjson
 
 from schemas.clicks import ClickEvent
-from streams._native import murmur2
 from streams.codec import BadRecord
 from streams.feature_store import ITEM, POPULAR, USER, EntitySpec, FeatureValue
 from streams.feature_windows import (ITEM_WINDOWS, USER_WINDOWS, FeatureBatch, Popularity, Windows,
                                      item_features, user_features)
+from streams.partitioning import key_partition
 
 Groups = dict[str, dict[str, FeatureValue]]
 NO_WATERMARK = -1
@@ -66,7 +66,7 @@ class EntityWrite:
 
 def item_partition(item: str, partitions: int) -> int:
     """The FEATURES_ITEMS partition of an item: Kafka's default partitioner on its id."""
-    return (murmur2(item.encode()) & 0x7FFFFFFF) % partitions
+    return key_partition(item.encode(), partitions)
 
 
 def session_problem(session: Mapping) -> str | None:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams._native import murmur2
+from streams.partitioning import key_partition
 
 log = logging.getLogger("clickloop.txstate")
 
@@ -101,7 +101,7 @@ class PartitionTxn:
         """Add a record to the transaction, to Kafka's default partition for its key."""
         if partition is None:
             count = await self.partition_count(topic)
-            partition = (murmur2(key) & 0x7FFFFFFF) % count if key is not None else 0
+            partition = key_partition(key, count) if key is not None else 0
         self.append(topic, partition, key, value)
 
     def append(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> None:

@@ -5,8 +5,7 @@ a slow or absent broker never slows an answer. A background task drains the
 buffer into an aiokafka producer (acks=all, idempotent) as record batches
 (`create_batch` / `send_batch`: ~5 µs of CPU per record where `send` took ~12,
 its future and partitioner call per record; the partition is the one `send`
-would pick, the same murmur2 of the key, computed natively: aiokafka's is pure
-Python, ~2 µs a record). The drain waits LINGER_MS after the
+would pick, `streams.partitioning.key_partition`). The drain waits LINGER_MS after the
 first record of a round, so a request to the broker carries ~LINGER_MS of
 records, as the producer's own linger gave `send`. When the
 buffer is full — Kafka down or far behind — records are
@@ -27,7 +26,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from services.settings import Settings
 from services.tasks import cancel_and_wait
-from streams._native import murmur2
+from streams.partitioning import key_partition
 
 log = logging.getLogger("clickloop.recommender.topic_log")
 
@@ -109,7 +108,7 @@ class TopicLog:
                 filling: dict[int, BatchBuilder] = {}
                 for _ in range(len(buf)):  # what is queued now; later records, next round
                     key, value = buf.popleft()
-                    partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+                    partition = partitions[key_partition(key, len(partitions))]
                     builder = filling.get(partition)
                     if builder is not None and builder.append(key=key, value=value,
                                                               timestamp=None) is not None:

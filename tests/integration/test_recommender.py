@@ -466,7 +466,7 @@ async def test_requests_ready_in_one_turn_score_in_one_batch_with_their_own_answ
         assert [a.ranking.items for a in again] == [[i["item_id"] for i in body["items"]]
                                                     for _, body in alone]
         for visitor in (user_id(1), "anon-1"):   # forget them: now every request scores
-            service.cache.get(visitor, 0).rankings.clear()
+            service.cache.get(visitor, time.monotonic_ns() // 1_000_000).rankings.clear()
         answers = await asyncio.gather(*(service.recommend(parse_query(ask)) for ask in asks * 2))
         assert (service.scoring.batches, service.scoring.jobs) == (4, 9), "one batch of six"
         for answer, (_, body) in zip(answers, alone * 2):

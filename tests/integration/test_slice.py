@@ -68,7 +68,7 @@ async def test_click_to_recommendation(settings, workers):
         # behind may apply the session first and the clicks in a later flush.
         raw = await eventually(lambda: redis.hgetall(settings.redis_key("user", "alice")),
                                lambda f: f.get(b"activity:sessions_7d") == b"1"
-                               and f.get(b"recent:items", b"[]") != b"[]",
+                               and len(orjson.loads(f.get(b"recent:items", b"[]"))) == 2,
                                what="alice's features")
         alice_features = read(USER, FEATURE_SET_VERSION, raw, now=0).groups
         assert alice_features["activity"].values["last_seen"] == iso_to_ms(at(2))
