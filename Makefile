@@ -8,6 +8,14 @@ JARS := deploy/kafka/lib/.resolved
 CONNECT_JARS := deploy/connect/lib/.resolved
 # rustup installs cargo here; the native core (native/) is built by pip install.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+SUDO := $(SUDO)
+
+# $(call apt_install,package): a package from Debian's archive, or a clear error without apt-get.
+define apt_install
+	@command -v apt-get >/dev/null || { echo "install $(1) (Debian: apt-get install $(1))"; exit 1; }
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(1)
+endef
 
 .PHONY: setup up test test-unit bench infra-start infra-stop clean postgres-server
 
@@ -15,7 +23,7 @@ setup: $(STAMP) $(JARS) $(CONNECT_JARS) postgres-server /usr/bin/redis-server /u
 
 $(STAMP): pyproject.toml native/Cargo.toml native/Cargo.lock $(wildcard native/src/*.rs)
 	@command -v cargo >/dev/null || { command -v apt-get >/dev/null && \
-	  DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q cargo; } || \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q cargo; } || \
 	  { echo "clickloop builds its native core with Rust: install it (https://rustup.rs or apt-get install cargo)"; exit 1; }
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
@@ -27,17 +35,17 @@ $(JARS): deploy/kafka/pom.xml
 	@touch $@
 
 /usr/bin/redis-server:
-	@command -v apt-get >/dev/null || { echo "install redis-server (Debian: apt-get install redis-server)"; exit 1; }
-	$(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get update -q
-	DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q --no-install-recommends redis-server
+	$(call apt_install,redis-server)
 	@# Debian's package may start a system instance on 6379; clickloop runs its own.
 	-service redis-server stop >/dev/null 2>&1 || true
 
+# The load generator of bench/serve_latency.py's maximum runs (it falls back to its own).
+/usr/bin/wrk:
+	$(call apt_install,wrk)
+
 # Debian's headless browser for the dashboard test (tests/e2e/test_dashboard.py).
 /usr/bin/chromium:
-	@command -v apt-get >/dev/null || { echo "install chromium (Debian: apt-get install chromium)"; exit 1; }
-	$(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get update -q
-	DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get install -y -q --no-install-recommends chromium
+	$(call apt_install,chromium)
 
 $(CONNECT_JARS): deploy/connect/pom.xml deploy/connect/debezium/pom.xml
 	@# Anew each time: jars of an older version left beside the new ones would share the classpath.
@@ -52,8 +60,8 @@ $(CONNECT_JARS): deploy/connect/pom.xml deploy/connect/debezium/pom.xml
 postgres-server:
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
 	  command -v apt-get >/dev/null || { echo "install PostgreSQL's server (Debian: apt-get install postgresql)"; exit 1; }; \
-	  $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $(if $(shell [ $$(id -u) = 0 ] && echo root),,sudo) \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) \
 	    apt-get install -y -q --no-install-recommends postgresql && \
 	  { service postgresql stop >/dev/null 2>&1 || true; }; }
 
@@ -67,7 +75,7 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
-bench: setup
+bench: setup /usr/bin/wrk
 	.venv/bin/clickloop infra start
 	$(PY) bench/stream_throughput.py
 	$(PY) bench/collector_throughput.py

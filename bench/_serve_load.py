@@ -96,25 +96,32 @@ class Stats:
                 "max_ms": float(lat.max()), "timeline": timeline}
 
 
-def requests_for(visitors: list[str], path: str, k: int, n: int, seed: int,
-                 zipf: float = 0.0) -> list[bytes]:
-    """n requests for visitors drawn uniformly, or by a Zipf law of exponent `zipf`
-    over a shuffled order (a few hot visitors, a long tail: what the hot-key cache is for)."""
+def draw(visitors: list[str], n: int, seed: int, zipf: float = 0.0) -> list[str]:
+    """n visitors drawn uniformly, or by a Zipf law of exponent `zipf` over a shuffled
+    order (a few hot visitors, a long tail: what the hot-key cache is for)."""
     rng = random.Random(seed)
     if zipf > 0:
         order = visitors[:]
         rng.shuffle(order)
         weights = 1.0 / np.arange(1, len(order) + 1) ** zipf
         picks = np.random.default_rng(seed).choice(len(order), n, p=weights / weights.sum())
-        chosen = [order[i] for i in picks]
-    else:
-        chosen = [rng.choice(visitors) for _ in range(n)]
-    out = []
-    for v in chosen:
-        param = "anonymous_id" if v.startswith("anon") else "user_id"
-        target = f"{path}?{param}={v}&k={k}" if path.startswith("/v1/") else path
-        out.append(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    return out
+        return [order[i] for i in picks]
+    return [rng.choice(visitors) for _ in range(n)]
+
+
+def requests_for(visitors: list[str], path: str, k: int, n: int, seed: int,
+                 zipf: float = 0.0) -> list[bytes]:
+    """n HTTP/1.1 requests of `path` for visitors drawn by `draw`."""
+    return [f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            for target in targets_of(draw(visitors, n, seed, zipf), path, k)]
+
+
+def targets_of(visitors: list[str], path: str, k: int) -> list[str]:
+    """The request target of each visitor's request (for `path` under /v1/; else `path`)."""
+    if not path.startswith("/v1/"):
+        return [path] * len(visitors)
+    return [f"{path}?{'anonymous_id' if v.startswith('anon') else 'user_id'}={v}&k={k}"
+            for v in visitors]
 
 
 async def open_loop(port: int, reqs: list[bytes], rate: float, seconds: float, conns: int) -> dict:

@@ -4,6 +4,7 @@
     .venv/bin/python bench/serve_latency.py --pause-redis [--seconds 30] [--pause-s 4]
     .venv/bin/python bench/serve_latency.py --profile out.json   # py-spy during the rate run
     .venv/bin/python bench/serve_latency.py --workers 2          # both servers with 2 processes
+    .venv/bin/python bench/serve_latency.py --load python        # max runs without wrk
 
 Set-up: a private redis-server (so it can be SIGSTOPped without touching the
 shared one), features for `--users` known users and as many anonymous visitors
@@ -16,7 +17,8 @@ its own event loop). 5 % of requests are for visitors without features.
 (1) `--rate` requests/s (open loop, latency from each request's due time) for
     `--seconds`: last line `rps=… p50_ms=… p99_ms=… errors=…` (target p99 <=
     5 ms, 0 errors);
-(2) maximum throughput (closed loop, `--connections`) of the recommender and of
+(2) maximum throughput (closed loop, `--connections`; the load from `wrk` when
+    installed, `--load`) of the recommender and of
     an aiohttp hello-world in the same run: `max_rps=… hello_rps=… ratio=…`
     (target >= 0.6), then `floor_rps=… floor_ratio=…`: the same for the floor of
     any recommender on aiohttp that reads Redis per request (the recommender's
@@ -49,6 +51,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import bench_settings  # noqa: E402
+from bench._serve_load import draw, targets_of  # noqa: E402
 from services.infra import free_port  # noqa: E402
 from services.recommender.synthetic import (PrivateRedis, announce, item_id, random_model,  # noqa: E402
                                             user_id, write_popular, write_users)
@@ -163,6 +166,35 @@ def load(port: int, visitors: Path, *mode: str, seconds: float, connections: int
     return orjson.loads(out.strip().splitlines()[-1])
 
 
+LOADER = ["python"]  # the maximum runs' load generator, set from --load in main()
+
+
+def max_load(port: int, visitors: Path, seconds: float, connections: int,
+             path: str = "/v1/recommendations") -> dict:
+    """A maximum-throughput run (closed loop): with wrk (`--load wrk`), else bench/_serve_load.py.
+
+    wrk (C, from Debian's packages) takes a fraction of the CPU the Python generator
+    needs per request, so more of the two cores is left to the server under test; it
+    asks for the same targets (the same draw of visitors) and counts statuses and
+    paths the same way (bench/_wrk.lua)."""
+    if LOADER[0] == "python":
+        return load(port, visitors, "--max", seconds=seconds, connections=connections, path=path)
+    targets = visitors.with_name(f"targets{path.replace('/', '-')}.txt")
+    if not targets.exists():
+        drawn = draw(visitors.read_text().split(), 200_000, seed=1, zipf=float(ZIPF[1]))
+        targets.write_text("\n".join(targets_of(drawn, path, k=10)) + "\n")
+    out = subprocess.run(["wrk", "--threads", "1", "--connections", str(connections),
+                          "--duration", f"{max(1, round(seconds))}s", "--timeout", "2s",
+                          "--script", str(HERE / "_wrk.lua"), f"http://127.0.0.1:{port}"],
+                         env={**os.environ, "TARGETS": str(targets)}, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    r = orjson.loads(out.strip().splitlines()[-1])
+    r["rps"] = r["requests"] / r["seconds"]
+    r["errors"] = r["failed"] + r["timeouts"] + sum(n for status, n in r["statuses"].items()
+                                                    if int(status) >= 500)
+    return r
+
+
 def cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds so far of processes and their children (/proc)."""
     total = 0.0
@@ -246,10 +278,13 @@ def main() -> None:
                              "skewed traffic is what the hot-key cache is for")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes of the recommender and of the hello-world (default 1)")
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator of the maximum runs (auto: wrk when installed)")
     parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     ZIPF[1] = str(args.zipf)
+    LOADER[0] = args.load if args.load != "auto" else ("wrk" if shutil.which("wrk") else "python")
     if args.baseline_server:
         return baseline_server(args.baseline_server, args.floor)
 
@@ -310,8 +345,10 @@ def main() -> None:
         print("metrics: " + "; ".join(gc_lines), flush=True)
 
         if not args.skip_max:
+            print(f"maximum runs: {args.connections} connections, load from "
+                  f"{'wrk' if LOADER[0] == 'wrk' else 'bench/_serve_load.py'}", flush=True)
             cpu0, gc0 = cpu_s([rec.pid]), young_gc(port)
-            best = load(port, vfile, "--max", seconds=args.max_seconds, connections=args.connections)
+            best = max_load(port, vfile, seconds=args.max_seconds, connections=args.connections)
             cpu, gc1 = cpu_s([rec.pid]) - cpu0, young_gc(port)
             print(summary("recommender max", best), flush=True)
             print(f"recommender CPU: {cpu:.2f} s in {best['seconds']:.1f} s, "
@@ -362,8 +399,7 @@ def baseline_max(args, work: Path, vfile: Path, procs: list[subprocess.Popen], e
     time.sleep(1.0)  # the last one bound before it was asked: let it start serving
     pids = [s.pid for s in servers]
     cpu0 = cpu_s(pids)
-    result = load(port, vfile, "--max", seconds=args.max_seconds, connections=args.connections,
-                  path=path)
+    result = max_load(port, vfile, seconds=args.max_seconds, connections=args.connections, path=path)
     cpu = cpu_s(pids) - cpu0
     print(summary(f"{name} max", result), flush=True)
     print(f"{name} CPU: {cpu:.2f} s in {result['seconds']:.1f} s, "
