@@ -7,7 +7,8 @@
   clickloop serve SERVICE           one HTTP service (collector, recommender, experiments; the first
                                     two as CLICKLOOP_*_WORKERS processes on their port)
   clickloop infra start|stop|status the local Kafka broker and Redis server
-  clickloop cdc up|down|status      PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium connector
+  clickloop cdc up|down|status|resnapshot
+                                    PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium connector
   clickloop replay --topic T --target topic:<name>|processor:<name> [--execute]
                                     re-feed a topic range for a backfill (dry run by default)
   clickloop train [--precompute]    the recommender's model from the archive, evaluated and announced
@@ -266,15 +267,17 @@ def _add_cdc_parser(sub):
     return actions
 
 
-CDC_SOURCE_ACTIONS = ("up", "down", "status")
+CDC_SOURCE_ACTIONS = ("up", "down", "status", "resnapshot")
 
 
 def _add_cdc_source_actions(actions) -> None:
-    """`clickloop cdc up|down|status` (services/infra_cdc.py), beside `cdc snapshot`."""
+    """`clickloop cdc up|down|status|resnapshot` (services/infra_cdc.py), beside `cdc snapshot`."""
     actions.add_parser("up", help="start PostgreSQL (wal_level=logical) and Kafka Connect with the Debezium "
                                   "PostgreSQL connector; returns once the connector is RUNNING")
     actions.add_parser("down", help="stop Kafka Connect and PostgreSQL (offsets and slot kept)")
     actions.add_parser("status", help="PostgreSQL, Kafka Connect and the connector's state")
+    actions.add_parser("resnapshot", help="start the connector over with a new snapshot (its offsets "
+                                          "reset, its slot dropped): after a lost replication slot")
 
 
 def _cdc_sources(settings: Settings, action: str) -> int:
@@ -291,6 +294,11 @@ def _cdc_sources(settings: Settings, action: str) -> int:
             print(f"cdc up in {time.monotonic() - t0:.1f} s")
         elif action == "down":
             infra_cdc.down(settings)
+        elif action == "resnapshot":
+            t0 = time.monotonic()
+            infra_cdc.resnapshot(settings)
+            print(f"connector {infra_cdc.connector_name(settings)} snapshotting anew, RUNNING in "
+                  f"{time.monotonic() - t0:.1f} s")
         for name, line in infra_cdc.status(settings).items():
             print(f"{name}: {line}")
     except infra.InfraError as exc:

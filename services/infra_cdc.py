@@ -409,27 +409,78 @@ def register_connector(settings: Settings, database: str | None = None,
                        connector_config(settings, database), timeout_s=60)
     if code not in (200, 201):
         raise InfraError(f"Kafka Connect refused the connector {name}: {code} {body}")
-    deadline = time.monotonic() + timeout_s
-    log = connect_service(settings).state_dir / "connect.log"
-    while True:
-        status = connector_state(settings)
-        if _running(status):
-            return status
-        failed = [t for t in ([status["connector"]] + status["tasks"] if status else [])
-                  if t.get("state") == "FAILED"]
-        if failed:
-            trace = (failed[0].get("trace") or "").splitlines()[:3]
-            raise InfraError(f"connector {name} failed: {' | '.join(trace)}; see {log}")
-        if time.monotonic() > deadline:
-            raise InfraError(f"connector {name} not RUNNING within {timeout_s:.0f} s: {status}; "
-                             f"see {log}")
-        time.sleep(0.3)
+    return _wait_connector(settings, "RUNNING", timeout_s)
 
 
 def delete_connector(settings: Settings) -> bool:
     """Remove the connector from the worker (its slot stays: drop_database drops it)."""
     code, _ = _rest(settings, "DELETE", f"/connectors/{connector_name(settings)}", timeout_s=60)
     return code in (200, 204)
+
+
+def _wait_connector(settings: Settings, want: str, timeout_s: float) -> dict:
+    """Wait until the connector is RUNNING (with every task) or STOPPED; a task that
+    fails on the way to RUNNING raises at once with the first lines of its trace."""
+    name = connector_name(settings)
+    log = connect_service(settings).state_dir / "connect.log"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = connector_state(settings)
+        if _running(status) if want == "RUNNING" else \
+                (status is not None and status["connector"]["state"] == want):
+            return status  # type: ignore[return-value]
+        failed = [t for t in ([status["connector"]] + status["tasks"] if status else [])
+                  if t.get("state") == "FAILED"]
+        if failed and want == "RUNNING":
+            trace = (failed[0].get("trace") or "").splitlines()[:3]
+            raise InfraError(f"connector {name} failed: {' | '.join(trace)}; see {log}")
+        if time.monotonic() > deadline:
+            raise InfraError(f"connector {name} not {want} within {timeout_s:.0f} s: {status}; "
+                             f"see {log}")
+        time.sleep(0.3)
+
+
+def resnapshot(settings: Settings, timeout_s: float = 120) -> dict:
+    """`clickloop cdc resnapshot`: start the connector over with a new initial snapshot.
+
+    For when its position is gone from the server: a replication slot invalidated past
+    `max_slot_wal_keep_size` (`wal_status` lost) or dropped. Debezium then refuses to
+    start ("no longer available on the server"; `snapshot.mode=initial` never re-reads
+    silently, so the gap is never hidden). This stops the connector, deletes its source
+    offsets (Connect's REST API, KIP-875), drops its replication slot, and resumes it:
+    it snapshots every captured row (`op=r`) and streams from the new slot. The history
+    fold adds a version only for rows that differ from what it knew (`streams.history`):
+    changes made in the gap arrive collapsed into the row's state at the snapshot, and a
+    row deleted in the gap stays current in the history (no snapshot can show a delete).
+    Returns the connector's status once it runs again."""
+    name = connector_name(settings)
+    if connector_state(settings) is None:
+        raise InfraError(f"connector {name} is not registered: `clickloop cdc up` first")
+    stop_connector(settings, timeout_s)
+    code, body = _rest(settings, "DELETE", f"/connectors/{name}/offsets", timeout_s=60)
+    if code != 200:
+        raise InfraError(f"Kafka Connect would not reset {name}'s offsets: {code} {body}")
+    psql(settings, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                   f"WHERE slot_name = {_literal(slot_name(settings))} AND NOT active")
+    return resume_connector(settings, timeout_s)
+
+
+def stop_connector(settings: Settings, timeout_s: float = 120) -> None:
+    """Stop the connector and its task (Connect commits the task's offsets), registration kept."""
+    name = connector_name(settings)
+    code, body = _rest(settings, "PUT", f"/connectors/{name}/stop", timeout_s=60)
+    if code not in (200, 202, 204):
+        raise InfraError(f"Kafka Connect would not stop {name}: {code} {body}")
+    _wait_connector(settings, "STOPPED", timeout_s)
+
+
+def resume_connector(settings: Settings, timeout_s: float = 120) -> dict:
+    """Resume a stopped connector; its status once RUNNING (raises when its task fails)."""
+    name = connector_name(settings)
+    code, body = _rest(settings, "PUT", f"/connectors/{name}/resume", timeout_s=60)
+    if code not in (200, 202, 204):
+        raise InfraError(f"Kafka Connect would not resume {name}: {code} {body}")
+    return _wait_connector(settings, "RUNNING", timeout_s)
 
 
 # --- together ----------------------------------------------------------------------------------
@@ -489,9 +540,8 @@ def slot_line(slot: Slot | None, name: str) -> str:
     line = (f"{name}: {'active' if slot.active else 'inactive'}, WAL {slot.wal_status or '?'}, "
             f"retains {slot.retained_bytes / 2 ** 20:.1f} MiB")
     if slot.wal_status == "lost":
-        line += (" — invalidated: the changes since are gone from the WAL; reset the "
-                 "connector's offsets (Connect: PUT /connectors/<name>/stop, then DELETE "
-                 "/connectors/<name>/offsets) so that it takes a new snapshot")
+        line += (" — invalidated: the changes since are gone from the WAL; "
+                 "`clickloop cdc resnapshot` starts the connector over with a new snapshot")
     elif not slot.active:
         line += " — nothing reads it: it holds WAL back until a connector resumes or it is dropped"
     return line
@@ -514,6 +564,10 @@ def status(settings: Settings) -> dict[str, str]:
         conn = ("not registered" if state is None else
                 f"{state['connector']['state']}, tasks "
                 f"{','.join(t['state'] for t in state['tasks']) or 'none'}")
+        if state is not None and any("no longer available on the server" in (t.get("trace") or "")
+                                     for t in state["tasks"]):
+            conn += (" — its position is gone from the server (a lost or dropped slot): "
+                     "`clickloop cdc resnapshot` starts it over with a new snapshot")
         out["connect"] = (f"up at {connect_url(settings)} (log "
                           f"{connect_service(settings).state_dir / 'connect.log'})")
         out["connector"] = f"{connector_name(settings)}: {conn}; topics {topic_prefix(settings)}.<schema>.<table>"

@@ -20,5 +20,5 @@ def test_an_inactive_slot_says_it_holds_wal_back():
 
 def test_a_lost_slot_says_a_new_snapshot_is_needed():
     line = slot_line(Slot(False, "lost", 0), "s1")
-    assert "invalidated" in line and "DELETE /connectors/<name>/offsets" in line
+    assert "invalidated" in line and "clickloop cdc resnapshot" in line
     assert "nothing reads it" not in line
