@@ -296,9 +296,10 @@ def _cdc_sources(settings: Settings, action: str) -> int:
             infra_cdc.down(settings)
         elif action == "resnapshot":
             t0 = time.monotonic()
-            infra_cdc.resnapshot(settings)
-            print(f"connector {infra_cdc.connector_name(settings)} snapshotting anew, RUNNING in "
-                  f"{time.monotonic() - t0:.1f} s")
+            done = infra_cdc.resnapshot(settings)
+            print(f"connector {infra_cdc.connector_name(settings)}: a new snapshot in "
+                  f"{time.monotonic() - t0:.1f} s; rows deleted in the gap, written as deletes: "
+                  + (", ".join(f"{t} {n}" for t, n in done["deleted"].items()) or "none"))
         for name, line in infra_cdc.status(settings).items():
             print(f"{name}: {line}")
     except infra.InfraError as exc:

@@ -62,6 +62,11 @@ def table_topic(settings: Settings, table: str) -> str:
     return f"{topic_prefix(settings)}.{table}"
 
 
+def notifications_topic(settings: Settings) -> str:
+    """Debezium's notifications (snapshot started, completed, …), outside `cdc.`: not a table."""
+    return settings.topic(f"debezium.{settings.cdc_server}.notifications")
+
+
 def connector_name(settings: Settings) -> str:
     return settings.topic(f"clickloop-cdc-{settings.cdc_server}")
 
@@ -381,7 +386,7 @@ def connector_config(settings: Settings, database: str | None = None) -> dict[st
         "PG_DATABASE": database or settings.pg_database,
         "TOPIC_PREFIX": topic_prefix(settings), "TABLES": ",".join(settings.cdc_tables),
         "SLOT": slot_name(settings), "PUBLICATION": PUBLICATION,
-        "PARTITIONS": str(settings.partitions),
+        "PARTITIONS": str(settings.partitions), "NOTIFICATIONS": notifications_topic(settings),
     }
     config = json.loads((CONNECT_DIR / "postgres-connector.json").read_text())
     for name, value in config.items():
@@ -440,29 +445,65 @@ def _wait_connector(settings: Settings, want: str, timeout_s: float) -> dict:
         time.sleep(0.3)
 
 
-def resnapshot(settings: Settings, timeout_s: float = 120) -> dict:
+def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
     """`clickloop cdc resnapshot`: start the connector over with a new initial snapshot.
 
     For when its position is gone from the server: a replication slot invalidated past
     `max_slot_wal_keep_size` (`wal_status` lost) or dropped. Debezium then refuses to
     start ("no longer available on the server"; `snapshot.mode=initial` never re-reads
     silently, so the gap is never hidden). This stops the connector, deletes its source
-    offsets (Connect's REST API, KIP-875), drops its replication slot, and resumes it:
-    it snapshots every captured row (`op=r`) and streams from the new slot. The history
-    fold adds a version only for rows that differ from what it knew (`streams.history`):
-    changes made in the gap arrive collapsed into the row's state at the snapshot, and a
-    row deleted in the gap stays current in the history (no snapshot can show a delete).
-    Returns the connector's status once it runs again."""
+    offsets (Connect's REST API, KIP-875), drops its replication slot and resumes it: it
+    reads every captured row again (`op=r`) and streams from the new slot. The history
+    fold adds a version only for rows that differ from what it knew (`streams.history`),
+    so the gap's changes arrive collapsed into each row's state at the snapshot. Rows
+    deleted in the gap are not read: once Debezium reports the snapshot COMPLETED (its
+    notifications topic), a delete is written for every key that was current before
+    and was not read (services/cdc/reconcile.py), at the snapshot's position and time.
+    Returns {"status": the connector's status, "deleted": {table topic: keys}}."""
+    import asyncio
+
+    from services.cdc import resnapshot as io
+    from services.cdc.reconcile import Cut
+
     name = connector_name(settings)
     if connector_state(settings) is None:
         raise InfraError(f"connector {name} is not registered: `clickloop cdc up` first")
+    tables = [table_topic(settings, t) for t in settings.cdc_tables]
+    notes = notifications_topic(settings)
+    # This deployment's config (notifications on), as `cdc up` writes it; applied on resume.
+    code, body = _rest(settings, "PUT", f"/connectors/{name}/config", connector_config(settings),
+                       timeout_s=60)
+    if code not in (200, 201):
+        raise InfraError(f"Kafka Connect refused the connector {name}: {code} {body}")
     stop_connector(settings, timeout_s)
+    marks = asyncio.run(io.ends(settings.kafka_bootstrap, [*tables, notes]))
     code, body = _rest(settings, "DELETE", f"/connectors/{name}/offsets", timeout_s=60)
     if code != 200:
         raise InfraError(f"Kafka Connect would not reset {name}'s offsets: {code} {body}")
     psql(settings, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                    f"WHERE slot_name = {_literal(slot_name(settings))} AND NOT active")
-    return resume_connector(settings, timeout_s)
+    status = resume_connector(settings, timeout_s)
+
+    def failed() -> str | None:
+        state = connector_state(settings)
+        traces = [t.get("trace") or "" for t in (state or {}).get("tasks", []) if t["state"] == "FAILED"]
+        return f"connector {name} failed during the snapshot: {traces[0].splitlines()[0]}" \
+            if traces else None
+
+    def slot_cut() -> Cut:
+        lsn, ts_ms = psql(settings, "SELECT confirmed_flush_lsn - '0/0', "
+                                    "(extract(epoch FROM now()) * 1000)::bigint FROM "
+                                    f"pg_replication_slots WHERE slot_name = "
+                                    f"{_literal(slot_name(settings))}").strip().split("|")
+        return Cut(int(lsn.split(".")[0]), int(ts_ms))
+
+    try:
+        asyncio.run(io.snapshot_done(settings.kafka_bootstrap, notes, marks, timeout_s, failed))
+        deleted = asyncio.run(io.reconcile(settings.kafka_bootstrap, tables, marks, slot_cut))
+    except RuntimeError as exc:
+        raise InfraError(f"{exc}; the gap's deletes were not written: run `clickloop cdc "
+                         "resnapshot` again once the connector runs") from exc
+    return {"status": status, "deleted": deleted}
 
 
 def stop_connector(settings: Settings, timeout_s: float = 120) -> None:

@@ -84,15 +84,6 @@ def downstream(processor: str) -> list[str]:
 ARCHIVER = "archive"     # the archive worker (streams/archive.py): its group commits archived offsets
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The topic's partitions, fetching metadata when the consumer has none for it yet."""
-    parts = consumer.partitions_for_topic(topic)
-    if not parts:
-        await consumer._client.force_metadata_update()
-        parts = consumer.partitions_for_topic(topic) or set()
-    return [TopicPartition(topic, p) for p in sorted(parts)]
-
-
 async def _offsets(settings: Settings, topic: str, from_: str | None, to: str | None,
                    from_offset: int | None, to_offset: int | None,
                    partitions: set[int] | None) -> tuple[PartitionRange, ...]:
@@ -100,7 +91,7 @@ async def _offsets(settings: Settings, topic: str, from_: str | None, to: str | 
                                 isolation_level="read_committed")
     await consumer.start()
     try:
-        tps = await _partitions(consumer, topic)
+        tps = await topics.partitions_of(consumer, topic)
         if not tps:
             raise ReplayError(f"topic {topic} does not exist on {settings.kafka_bootstrap}")
         begins = {tp.partition: o for tp, o in (await consumer.beginning_offsets(tps)).items()}
@@ -197,7 +188,7 @@ async def _reset_processor(settings: Settings, proc: str, starts: list[GroupStar
             consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None)
             await consumer.start()
             try:
-                tps = [tp for t in owned.outputs for tp in await _partitions(consumer, settings.topic(t))]
+                tps = [tp for t in owned.outputs for tp in await topics.partitions_of(consumer, settings.topic(t))]
                 ends = await consumer.end_offsets(tps)
             finally:
                 await consumer.stop()
@@ -212,7 +203,7 @@ async def _reset_processor(settings: Settings, proc: str, starts: list[GroupStar
     try:
         positions: dict[TopicPartition, int] = {}
         for start in starts:
-            tps = await _partitions(group, start.topic)
+            tps = await topics.partitions_of(group, start.topic)
             if start.rule == BEGINNING:     # truncated just now: its new beginning
                 positions.update(await group.beginning_offsets(tps))
             else:

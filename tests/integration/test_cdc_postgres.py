@@ -174,7 +174,8 @@ def test_a_lost_slot_stops_the_connector_loudly_and_resnapshot_recovers(source: 
     """The replication slot gone (invalidated past max_slot_wal_keep_size, or dropped) while
     the connector was stopped: Debezium refuses to resume instead of skipping the gap, the
     status says so, and `clickloop cdc resnapshot` starts it over with a new snapshot whose
-    reads bring the gap's changes into the history without inventing any."""
+    reads bring the gap's changes into the history without inventing any, and writes the
+    delete of the row that went in the gap, which no snapshot can show."""
     s = source
     sql(s, "INSERT INTO subscriptions (id, user_id, plan, status) VALUES "
            "(1, 'u1', 'basic', 'active'), (2, 'u2', 'pro', 'active')")
@@ -199,28 +200,34 @@ def test_a_lost_slot_stops_the_connector_loudly_and_resnapshot_recovers(source: 
 
     again = subprocess.run([sys.executable, "-m", "services.cli", "cdc", "resnapshot"],
                            env={**os.environ, **s.as_env()}, capture_output=True, text=True,
-                           timeout=180)
+                           timeout=300)
     assert again.returncode == 0, again.stderr
-    assert "snapshotting anew" in again.stdout and "RUNNING, tasks RUNNING" in again.stdout
+    assert f"rows deleted in the gap, written as deletes: {topic} 1" in again.stdout, again.stdout
+    assert "RUNNING, tasks RUNNING" in again.stdout
     sql(s, "UPDATE subscriptions SET status = 'active' WHERE id = 3")  # streaming again
 
-    records = asyncio.run(read_records(s.kafka_bootstrap, topic, lambda rs: len(rs) >= 6))
-    events = [decode(r.key, r.value, r.headers or ()) for r in records]
-    by_key: dict[str, list[str]] = {}
-    for e in events:
-        by_key.setdefault(e.key_id, []).append(e.op)
-    # The second snapshot reads rows 2 and 3 as they are now (row 1 is gone), then streams.
-    assert by_key == {"1": ["r", "u"], "2": ["r", "r"], "3": ["r", "u"]}, by_key
+    records = asyncio.run(read_records(s.kafka_bootstrap, topic, lambda rs: len(rs) >= 8))
+    events = [(orjson.loads(r.key)["id"], decode(r.key, r.value, r.headers or ())) for r in records]
+    by_key: dict[int, list] = {}
+    for key, e in events:
+        by_key.setdefault(key, []).append(e.op if e else None)
+    # The second snapshot reads rows 2 and 3 as they are now; row 1, not read, gets the delete
+    # (and tombstone) the snapshot could not show; then the stream.
+    assert by_key == {1: ["r", "u", "d", None], 2: ["r", "r"], 3: ["r", "u"]}, by_key
     fold = TableHistory()
-    rows = [v for e in events for v in fold.apply(e).versions]
+    rows = [v for _, e in events for v in fold.apply(e).versions]
     history = resolve(rows)
     assert [values(v) for v in history["2"]] == [
         ("r", False, "u2", "pro", "active"), ("r", False, "u2", "pro", "cancelled")]
     assert [values(v) for v in history["3"]] == [
         ("r", False, "u3", "basic", "trial"), ("u", False, "u3", "basic", "active")]
-    # A delete in the gap cannot be seen by a snapshot: row 1 stays current (README).
     assert [values(v) for v in history["1"]] == [
-        ("r", False, "u1", "basic", "active"), ("u", False, "u1", "pro", "active")]
+        ("r", False, "u1", "basic", "active"), ("u", False, "u1", "pro", "active"),
+        ("d", True, "u1", "pro", "active")]
+    # Deleted no later than the new snapshot, and from that snapshot's position.
+    (delete,) = [e for _, e in events if e and e.op == "d"]
+    (read3,) = [e for k, e in events if k == 3 and e and e.op == "r"]
+    assert delete.position == read3.position and delete.ts_ms == read3.ts_ms
     assert infra_cdc.slot_status(s).active
 
 
