@@ -276,11 +276,14 @@ def _add_cdc_source_actions(actions) -> None:
                                   "PostgreSQL connector; returns once the connector is RUNNING")
     actions.add_parser("down", help="stop Kafka Connect and PostgreSQL (offsets and slot kept)")
     actions.add_parser("status", help="PostgreSQL, Kafka Connect and the connector's state")
-    actions.add_parser("resnapshot", help="start the connector over with a new snapshot (its offsets "
-                                          "reset, its slot dropped): after a lost replication slot")
+    again = actions.add_parser("resnapshot", help="start the connector over with a new snapshot (its "
+                                                  "offsets reset, its slot dropped) and write the deletes "
+                                                  "of the rows that went in the gap: after a lost slot")
+    again.add_argument("--timeout", type=float, default=300,
+                       help="seconds to wait for the snapshot to complete (default 300)")
 
 
-def _cdc_sources(settings: Settings, action: str) -> int:
+def _cdc_sources(settings: Settings, action: str, timeout_s: float = 300) -> int:
     from services import infra, infra_cdc
     try:
         if action == "up":
@@ -296,7 +299,7 @@ def _cdc_sources(settings: Settings, action: str) -> int:
             infra_cdc.down(settings)
         elif action == "resnapshot":
             t0 = time.monotonic()
-            done = infra_cdc.resnapshot(settings)
+            done = infra_cdc.resnapshot(settings, timeout_s=timeout_s)
             print(f"connector {infra_cdc.connector_name(settings)}: a new snapshot in "
                   f"{time.monotonic() - t0:.1f} s; rows deleted in the gap, written as deletes: "
                   + (", ".join(f"{t} {n}" for t, n in done["deleted"].items()) or "none"))
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clickloop train: {exc}", file=sys.stderr)
             return 2
     if args.command == "cdc" and args.cdc_command in CDC_SOURCE_ACTIONS:
-        return _cdc_sources(settings, args.cdc_command)
+        return _cdc_sources(settings, args.cdc_command, getattr(args, "timeout", 300))
     if args.command == "cdc":
         return _cdc(settings, args)
     if args.command == "worker":

@@ -468,7 +468,7 @@ def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
     name = connector_name(settings)
     if connector_state(settings) is None:
         raise InfraError(f"connector {name} is not registered: `clickloop cdc up` first")
-    tables = [table_topic(settings, t) for t in settings.cdc_tables]
+    tables = {table_topic(settings, t): t for t in settings.cdc_tables}
     notes = notifications_topic(settings)
     # This deployment's config (notifications on), as `cdc up` writes it; applied on resume.
     code, body = _rest(settings, "PUT", f"/connectors/{name}/config", connector_config(settings),
@@ -497,9 +497,14 @@ def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
                                     f"{_literal(slot_name(settings))}").strip().split("|")
         return Cut(int(lsn.split(".")[0]), int(ts_ms))
 
+    def has_rows(topic: str) -> bool:
+        name = ".".join(_ident(part) for part in tables[topic].split(".", 1))
+        return psql(settings, f"SELECT EXISTS (SELECT 1 FROM {name})").strip() == "t"
+
     try:
         asyncio.run(io.snapshot_done(settings.kafka_bootstrap, notes, marks, timeout_s, failed))
-        deleted = asyncio.run(io.reconcile(settings.kafka_bootstrap, tables, marks, slot_cut))
+        deleted = asyncio.run(io.reconcile(settings.kafka_bootstrap, list(tables), marks, slot_cut,
+                                           has_rows))
     except RuntimeError as exc:
         raise InfraError(f"{exc}; the gap's deletes were not written: run `clickloop cdc "
                          "resnapshot` again once the connector runs") from exc

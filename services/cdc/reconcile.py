@@ -37,23 +37,38 @@ class Cut:
     ts_ms: int
 
 
-def current(records: Iterable[tuple[bytes, ChangeEvent | None]]) -> dict[str, tuple[bytes, ChangeEvent]]:
-    """Per key id, its Kafka key and last event by position, for keys whose last event is
-    not a delete (nor before a later truncate). Tombstones (None) change nothing."""
-    last: dict[str, tuple[bytes, ChangeEvent]] = {}
-    truncated: tuple[int, ...] | None = None
-    for raw_key, event in records:
+class Current:
+    """The keys current so far, fed one event at a time (memory grows with the keys, not
+    with the events): per key id, its Kafka key and last event by position, unless that
+    is a delete or precedes a truncate. Tombstones (None) change nothing."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, tuple[bytes, ChangeEvent]] = {}
+        self.truncated: tuple[int, ...] | None = None
+
+    def add(self, raw_key: bytes, event: ChangeEvent | None) -> None:
         if event is None:
-            continue
+            return
         if event.op == "t":
-            if truncated is None or event.position > truncated:
-                truncated = event.position
-            continue
-        held = last.get(event.key_id)  # type: ignore[arg-type]
+            if self.truncated is None or event.position > self.truncated:
+                self.truncated = event.position
+            return
+        held = self.last.get(event.key_id)  # type: ignore[arg-type]
         if held is None or event.position > held[1].position:
-            last[event.key_id] = (raw_key, event)  # type: ignore[index]
-    return {k: (raw, e) for k, (raw, e) in last.items()
-            if e.op != "d" and (truncated is None or e.position > truncated)}
+            self.last[event.key_id] = (raw_key, event)  # type: ignore[index]
+
+    def held(self) -> dict[str, tuple[bytes, ChangeEvent]]:
+        cut = self.truncated
+        return {k: (raw, e) for k, (raw, e) in self.last.items()
+                if e.op != "d" and (cut is None or e.position > cut)}
+
+
+def current(records: Iterable[tuple[bytes, ChangeEvent | None]]) -> dict[str, tuple[bytes, ChangeEvent]]:
+    """`Current` over a whole sequence of (Kafka key, event)."""
+    fold = Current()
+    for raw_key, event in records:
+        fold.add(raw_key, event)
+    return fold.held()
 
 
 def gap_deletes(before: dict[str, tuple[bytes, ChangeEvent]], read: set[str], cut: Cut,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.cdc.reconcile import Cut, current, gap_deletes
+from services.cdc.reconcile import Cut, Current, gap_deletes
 from services.cdc.snapshot import produce
 from streams import topics
 from streams.debezium import BadChangeEvent, ChangeEvent, decode
@@ -36,23 +36,22 @@ async def ends(bootstrap: str, names: list[str]) -> Ends:
         await consumer.stop()
 
 
-async def read(bootstrap: str, topic: str, start: Ends, stop: Ends | None = None) -> list:
-    """The records of `topic` from `start` (a partition not in it: from its beginning) up to
-    `stop` (default: its end now)."""
+async def batches(bootstrap: str, topic: str, start: Ends,
+                  stop: Ends | None = None) -> AsyncIterator[list]:
+    """The records of `topic`, a fetch at a time, from `start` (a partition not in it: from
+    its beginning) up to `stop` (default: its end when called)."""
     consumer = await _consumer(bootstrap)
     try:
         tps = await topics.partitions_of(consumer, topic)
         if not tps:
-            return []
+            return
         stop = stop if stop is not None else dict(await consumer.end_offsets(tps))
         consumer.assign(tps)
         for tp in tps:
             consumer.seek(tp, start.get(tp, 0))
-        out = []
         while any([await consumer.position(tp) < stop.get(tp, 0) for tp in tps]):
             for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                out.extend(r for r in records if r.offset < stop.get(tp, 0))
-        return out
+                yield [r for r in records if r.offset < stop.get(tp, 0)]
     finally:
         await consumer.stop()
 
@@ -63,14 +62,15 @@ async def snapshot_done(bootstrap: str, notifications: str, since: Ends, timeout
     RuntimeError when it reports ABORTED, when `failed()` names a failure, or on timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
-        for record in await read(bootstrap, notifications, since):
-            note = orjson.loads(record.value) if record.value else {}
-            if note.get("aggregate_type") != "Initial Snapshot":
-                continue
-            if note.get("type") in ("COMPLETED", "SKIPPED"):
-                return
-            if note.get("type") == "ABORTED":
-                raise RuntimeError(f"Debezium aborted the new snapshot: {note}")
+        async for records in batches(bootstrap, notifications, since):
+            for record in records:
+                note = orjson.loads(record.value) if record.value else {}
+                if note.get("aggregate_type") != "Initial Snapshot":
+                    continue
+                if note.get("type") == "COMPLETED":
+                    return
+                if note.get("type") in ("ABORTED", "SKIPPED"):  # no snapshot: nothing to compare
+                    raise RuntimeError(f"Debezium did not take the new snapshot: {note}")
         why = failed()
         if why:
             raise RuntimeError(why)
@@ -89,43 +89,37 @@ def _event(record) -> ChangeEvent | None:
         return None
 
 
-def _split(records: list, marks: Ends) -> tuple[list, list]:
-    before, after = [], []
-    for r in records:
-        (before if r.offset < marks.get(TopicPartition(r.topic, r.partition), 0) else after).append(r)
-    return before, after
-
-
 async def reconcile(bootstrap: str, tables: list[str], marks: Ends,
-                    fallback_cut: Callable[[], Cut]) -> dict[str, int]:
+                    fallback_cut: Callable[[], Cut], has_rows: Callable[[str], bool]) -> dict[str, int]:
     """Write the gap's deletes onto each table topic; how many keys each lost.
 
     `marks`: where the topics ended before the new snapshot. The snapshot's cut is the
     position and time of its reads (the same for all of them), else `fallback_cut()`
-    (no table had a row to read)."""
-    read_all = {t: _split(await read(bootstrap, t, {}), marks) for t in tables}
+    (no table had a row to read). A table whose snapshot read nothing though it had
+    current keys is asked `has_rows(topic)`: if the table still has rows, nothing is
+    deleted and this raises (a snapshot that skipped a table must not empty it)."""
+    found: dict[str, tuple[dict, set[str], dict | None]] = {}
     cut = None
-    for _, after in read_all.values():
-        for r in after:
-            event = _event(r)
-            if event is not None and event.op == "r":
-                cut = Cut(event.position[1], event.ts_ms)
-                break
-        if cut is not None:
-            break
+    for topic in tables:
+        fold, reads, source = Current(), set(), None
+        async for records in batches(bootstrap, topic, {}):
+            for r in records:
+                event = _event(r)
+                if r.offset < marks.get(TopicPartition(r.topic, r.partition), 0):
+                    fold.add(r.key, event)
+                    if event is not None and source is None:
+                        source = orjson.loads(r.value)["source"]
+                elif event is not None and event.op == "r":
+                    reads.add(event.key_id)  # type: ignore[arg-type]
+                    cut = cut or Cut(event.position[1], event.ts_ms)
+        found[topic] = (fold.held(), reads, source)
     cut = cut or fallback_cut()
     deleted: dict[str, int] = {}
-    for topic, (before, after) in read_all.items():
-        if not before:
-            deleted[topic] = 0
-            continue
-        held = current((r.key, _event(r)) for r in before)
-        reads = {e.key_id for e in map(_event, after) if e is not None and e.op == "r"}
-        sample = next((r for r in reversed(before) if _event(r) is not None), None)
-        if sample is None:
-            deleted[topic] = 0
-            continue
-        records = gap_deletes(held, reads, cut, orjson.loads(sample.value)["source"])
+    for topic, (held, reads, source) in found.items():
+        if held and not reads and has_rows(topic):
+            raise RuntimeError(f"the new snapshot read no row of {topic}'s table, which has "
+                               "rows: no delete written")
+        records = gap_deletes(held, reads, cut, source or {})
         if records:
             try:
                 await produce(bootstrap, topic, records)
