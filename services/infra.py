@@ -12,6 +12,7 @@ redis-server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import signal
@@ -135,6 +136,16 @@ def _kafka_classpath() -> str:
     return f"{lib}/*"
 
 
+def new_cluster_id(draw=uuid.uuid4) -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, never starting with "-" (the
+    storage tool would read it as an option and fail, once in 64 formats), as Kafka's own
+    `Uuid.randomUuid` ensures."""
+    while True:
+        cid = base64.urlsafe_b64encode(draw().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 def start_kafka(settings: Settings, timeout_s: float = 90) -> bool:
     """Start the broker unless one already answers; True when this call started it."""
     if kafka_ready(settings):
@@ -154,11 +165,8 @@ def start_kafka(settings: Settings, timeout_s: float = 90) -> bool:
             f"-Dkafka.logs.dir={svc.state_dir}",
             f"-Dlog4j2.configurationFile={KAFKA_DIR / 'log4j2.properties'}", "-cp", classpath]
     if not (svc.state_dir / "data" / "meta.properties").exists():
-        cluster_id = uuid.uuid4().bytes
-        import base64
-        cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
         fmt = subprocess.run([*java, "kafka.tools.StorageTool", "format", "--standalone",
-                              "-t", cid, "-c", str(config)],
+                              "-t", new_cluster_id(), "-c", str(config)],
                              capture_output=True, text=True)
         if fmt.returncode != 0:
             (svc.state_dir / "format.log").write_text(fmt.stdout + fmt.stderr)
