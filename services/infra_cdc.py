@@ -462,6 +462,8 @@ def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
     Returns {"status": the connector's status, "deleted": {table topic: keys}}."""
     import asyncio
 
+    from aiokafka.errors import KafkaError
+
     from services.cdc import resnapshot as io
     from services.cdc.reconcile import Cut
 
@@ -498,14 +500,14 @@ def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
         return Cut(int(lsn.split(".")[0]), int(ts_ms))
 
     def has_rows(topic: str) -> bool:
-        name = ".".join(_ident(part) for part in tables[topic].split(".", 1))
-        return psql(settings, f"SELECT EXISTS (SELECT 1 FROM {name})").strip() == "t"
+        relation = ".".join(_ident(part) for part in tables[topic].split(".", 1))
+        return psql(settings, f"SELECT EXISTS (SELECT 1 FROM {relation})").strip() == "t"
 
     try:
         asyncio.run(io.snapshot_done(settings.kafka_bootstrap, notes, marks, timeout_s, failed))
         deleted = asyncio.run(io.reconcile(settings.kafka_bootstrap, list(tables), marks, slot_cut,
                                            has_rows))
-    except RuntimeError as exc:
+    except (RuntimeError, KafkaError) as exc:
         raise InfraError(f"{exc}; the gap's deletes were not written: run `clickloop cdc "
                          "resnapshot` again once the connector runs") from exc
     return {"status": status, "deleted": deleted}
