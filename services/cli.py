@@ -279,11 +279,11 @@ def _add_cdc_source_actions(actions) -> None:
     again = actions.add_parser("resnapshot", help="start the connector over with a new snapshot (its "
                                                   "offsets reset, its slot dropped) and write the deletes "
                                                   "of the rows that went in the gap: after a lost slot")
-    again.add_argument("--timeout", type=float, default=300,
+    again.add_argument("--timeout", type=float, default=None,
                        help="seconds to wait for the snapshot to complete (default 300)")
 
 
-def _cdc_sources(settings: Settings, action: str, timeout_s: float = 300) -> int:
+def _cdc_sources(settings: Settings, action: str, timeout_s: float | None = None) -> int:
     from services import infra, infra_cdc
     try:
         if action == "up":
@@ -299,10 +299,10 @@ def _cdc_sources(settings: Settings, action: str, timeout_s: float = 300) -> int
             infra_cdc.down(settings)
         elif action == "resnapshot":
             t0 = time.monotonic()
-            done = infra_cdc.resnapshot(settings, timeout_s=timeout_s)
+            deleted = infra_cdc.resnapshot(settings, timeout_s or infra_cdc.RESNAPSHOT_TIMEOUT_S)
             print(f"connector {infra_cdc.connector_name(settings)}: a new snapshot in "
                   f"{time.monotonic() - t0:.1f} s; rows deleted in the gap, written as deletes: "
-                  + (", ".join(f"{t} {n}" for t, n in done["deleted"].items()) or "none"))
+                  + (", ".join(f"{t} {n}" for t, n in deleted.items()) or "none"))
         for name, line in infra_cdc.status(settings).items():
             print(f"{name}: {line}")
     except infra.InfraError as exc:
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"clickloop train: {exc}", file=sys.stderr)
             return 2
     if args.command == "cdc" and args.cdc_command in CDC_SOURCE_ACTIONS:
-        return _cdc_sources(settings, args.cdc_command, getattr(args, "timeout", 300))
+        return _cdc_sources(settings, args.cdc_command, getattr(args, "timeout", None))
     if args.command == "cdc":
         return _cdc(settings, args)
     if args.command == "worker":

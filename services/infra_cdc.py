@@ -423,6 +423,14 @@ def delete_connector(settings: Settings) -> bool:
     return code in (200, 204)
 
 
+def _failed_trace(status: dict | None) -> str | None:
+    """The trace of the connector's or its first failed task's failure; None if none failed."""
+    for part in [status["connector"], *status["tasks"]] if status else []:
+        if part.get("state") == "FAILED":
+            return part.get("trace") or ""
+    return None
+
+
 def _wait_connector(settings: Settings, want: str, timeout_s: float) -> dict:
     """Wait until the connector is RUNNING (with every task) or STOPPED; a task that
     fails on the way to RUNNING raises at once with the first lines of its trace."""
@@ -434,18 +442,20 @@ def _wait_connector(settings: Settings, want: str, timeout_s: float) -> dict:
         if _running(status) if want == "RUNNING" else \
                 (status is not None and status["connector"]["state"] == want):
             return status  # type: ignore[return-value]
-        failed = [t for t in ([status["connector"]] + status["tasks"] if status else [])
-                  if t.get("state") == "FAILED"]
-        if failed and want == "RUNNING":
-            trace = (failed[0].get("trace") or "").splitlines()[:3]
-            raise InfraError(f"connector {name} failed: {' | '.join(trace)}; see {log}")
+        trace = _failed_trace(status)
+        if trace is not None and want == "RUNNING":
+            raise InfraError(f"connector {name} failed: {' | '.join(trace.splitlines()[:3])}; "
+                             f"see {log}")
         if time.monotonic() > deadline:
             raise InfraError(f"connector {name} not {want} within {timeout_s:.0f} s: {status}; "
                              f"see {log}")
         time.sleep(0.3)
 
 
-def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
+RESNAPSHOT_TIMEOUT_S = 300.0   # `cdc resnapshot`'s wait for the new snapshot (--timeout)
+
+
+def resnapshot(settings: Settings, timeout_s: float = RESNAPSHOT_TIMEOUT_S) -> dict[str, int]:
     """`clickloop cdc resnapshot`: start the connector over with a new initial snapshot.
 
     For when its position is gone from the server: a replication slot invalidated past
@@ -459,7 +469,7 @@ def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
     deleted in the gap are not read: once Debezium reports the snapshot COMPLETED (its
     notifications topic), a delete is written for every key that was current before
     and was not read (services/cdc/reconcile.py), at the snapshot's position and time.
-    Returns {"status": the connector's status, "deleted": {table topic: keys}}."""
+    Returns how many keys each table topic lost to the gap's deletes."""
     import asyncio
 
     from aiokafka.errors import KafkaError
@@ -484,13 +494,12 @@ def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
         raise InfraError(f"Kafka Connect would not reset {name}'s offsets: {code} {body}")
     psql(settings, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                    f"WHERE slot_name = {_literal(slot_name(settings))} AND NOT active")
-    status = resume_connector(settings, timeout_s)
+    resume_connector(settings, timeout_s)
 
     def failed() -> str | None:
-        state = connector_state(settings)
-        traces = [t.get("trace") or "" for t in (state or {}).get("tasks", []) if t["state"] == "FAILED"]
-        return f"connector {name} failed during the snapshot: {traces[0].splitlines()[0]}" \
-            if traces else None
+        trace = _failed_trace(connector_state(settings))
+        return None if trace is None else \
+            f"connector {name} failed during the snapshot: {(trace.splitlines() or ['?'])[0]}"
 
     def slot_cut() -> Cut:
         lsn, ts_ms = psql(settings, "SELECT confirmed_flush_lsn - '0/0', "
@@ -505,12 +514,11 @@ def resnapshot(settings: Settings, timeout_s: float = 300) -> dict:
 
     try:
         asyncio.run(io.snapshot_done(settings.kafka_bootstrap, notes, marks, timeout_s, failed))
-        deleted = asyncio.run(io.reconcile(settings.kafka_bootstrap, list(tables), marks, slot_cut,
-                                           has_rows))
+        return asyncio.run(io.reconcile(settings.kafka_bootstrap, list(tables), marks, slot_cut,
+                                        has_rows))
     except (RuntimeError, KafkaError) as exc:
         raise InfraError(f"{exc}; the gap's deletes were not written: run `clickloop cdc "
                          "resnapshot` again once the connector runs") from exc
-    return {"status": status, "deleted": deleted}
 
 
 def stop_connector(settings: Settings, timeout_s: float = 120) -> None:
@@ -612,8 +620,7 @@ def status(settings: Settings) -> dict[str, str]:
         conn = ("not registered" if state is None else
                 f"{state['connector']['state']}, tasks "
                 f"{','.join(t['state'] for t in state['tasks']) or 'none'}")
-        if state is not None and any("no longer available on the server" in (t.get("trace") or "")
-                                     for t in state["tasks"]):
+        if "no longer available on the server" in (_failed_trace(state) or ""):
             conn += (" — its position is gone from the server (a lost or dropped slot): "
                      "`clickloop cdc resnapshot` starts it over with a new snapshot")
         out["connect"] = (f"up at {connect_url(settings)} (log "

@@ -5,7 +5,7 @@ gap gone with the WAL) the connector reads every row again. The history fold
 (streams/history.py) turns those reads into versions where rows changed, but a
 row deleted in the gap is simply not read, and would stay current forever.
 
-So the keys that were current before the new snapshot (`current`: the last
+So the keys that were current before the new snapshot (`Current`: the last
 event of each key, by position, is not a delete) and that the new snapshot did
 not read are deleted: `gap_deletes` writes, for each, a delete in Debezium's
 envelope, its `before` the last image known, at the new snapshot's position
@@ -20,8 +20,6 @@ moment of the gap, no later than that. Each such event says so in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
-
 import orjson
 
 from streams.debezium import ChangeEvent
@@ -61,14 +59,6 @@ class Current:
         cut = self.truncated
         return {k: (raw, e) for k, (raw, e) in self.last.items()
                 if e.op != "d" and (cut is None or e.position > cut)}
-
-
-def current(records: Iterable[tuple[bytes, ChangeEvent | None]]) -> dict[str, tuple[bytes, ChangeEvent]]:
-    """`Current` over a whole sequence of (Kafka key, event)."""
-    fold = Current()
-    for raw_key, event in records:
-        fold.add(raw_key, event)
-    return fold.held()
 
 
 def gap_deletes(before: dict[str, tuple[bytes, ChangeEvent]], read: set[str], cut: Cut,

@@ -36,48 +36,57 @@ async def ends(bootstrap: str, names: list[str]) -> Ends:
         await consumer.stop()
 
 
-async def batches(bootstrap: str, topic: str, start: Ends,
-                  stop: Ends | None = None) -> AsyncIterator[list]:
-    """The records of `topic`, a fetch at a time, from `start` (a partition not in it: from
-    its beginning) up to `stop` (default: its end when called)."""
+async def batches(bootstrap: str, topic: str) -> AsyncIterator[list]:
+    """The records of `topic` from its beginning to its end when called, a fetch at a time."""
     consumer = await _consumer(bootstrap)
     try:
         tps = await topics.partitions_of(consumer, topic)
         if not tps:
             return
-        stop = stop if stop is not None else dict(await consumer.end_offsets(tps))
+        stop = await consumer.end_offsets(tps)
         consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, start.get(tp, 0))
-        while any([await consumer.position(tp) < stop.get(tp, 0) for tp in tps]):
+        await consumer.seek_to_beginning(*tps)
+        while any([await consumer.position(tp) < stop[tp] for tp in tps]):
             for tp, records in (await consumer.getmany(timeout_ms=500)).items():
-                yield [r for r in records if r.offset < stop.get(tp, 0)]
+                yield [r for r in records if r.offset < stop[tp]]
     finally:
         await consumer.stop()
 
 
 async def snapshot_done(bootstrap: str, notifications: str, since: Ends, timeout_s: float,
                         failed: Callable[[], str | None]) -> None:
-    """Wait for Debezium's "Initial Snapshot" COMPLETED notification after `since`; raises
-    RuntimeError when it reports ABORTED, when `failed()` names a failure, or on timeout."""
+    """Wait for Debezium's "Initial Snapshot" COMPLETED notification after `since` (one
+    consumer, following the topic; Connect creates it with its first notification);
+    raises RuntimeError when the snapshot is ABORTED or SKIPPED, when `failed()` names a
+    failure, or on timeout."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        async for records in batches(bootstrap, notifications, since):
-            for record in records:
-                note = orjson.loads(record.value) if record.value else {}
-                if note.get("aggregate_type") != "Initial Snapshot":
-                    continue
-                if note.get("type") == "COMPLETED":
-                    return
-                if note.get("type") in ("ABORTED", "SKIPPED"):  # no snapshot: nothing to compare
-                    raise RuntimeError(f"Debezium did not take the new snapshot: {note}")
-        why = failed()
-        if why:
-            raise RuntimeError(why)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no \"Initial Snapshot\" COMPLETED on {notifications} "
-                               f"within {timeout_s:.0f} s")
-        await asyncio.sleep(0.5)
+    consumer = await _consumer(bootstrap)
+    try:
+        tps: list[TopicPartition] = []
+        while True:
+            if not tps and (tps := await topics.partitions_of(consumer, notifications)):
+                consumer.assign(tps)
+                for tp in tps:
+                    consumer.seek(tp, since.get(tp, 0))
+            for records in (await consumer.getmany(timeout_ms=500)).values() if tps else ():
+                for record in records:
+                    note = orjson.loads(record.value) if record.value else {}
+                    if note.get("aggregate_type") != "Initial Snapshot":
+                        continue
+                    if note.get("type") == "COMPLETED":
+                        return
+                    if note.get("type") in ("ABORTED", "SKIPPED"):  # nothing to compare with
+                        raise RuntimeError(f"Debezium did not take the new snapshot: {note}")
+            why = failed()
+            if why:
+                raise RuntimeError(why)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no \"Initial Snapshot\" COMPLETED on {notifications} "
+                                   f"within {timeout_s:.0f} s")
+            if not tps:
+                await asyncio.sleep(0.5)
+    finally:
+        await consumer.stop()
 
 
 def _event(record) -> ChangeEvent | None:
@@ -102,7 +111,7 @@ async def reconcile(bootstrap: str, tables: list[str], marks: Ends,
     cut = None
     for topic in tables:
         fold, reads, source = Current(), set(), None
-        async for records in batches(bootstrap, topic, {}):
+        async for records in batches(bootstrap, topic):
             for r in records:
                 event = _event(r)
                 if r.offset < marks.get(TopicPartition(r.topic, r.partition), 0):

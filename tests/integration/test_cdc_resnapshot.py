@@ -33,7 +33,7 @@ async def table(settings):
 
 
 async def everything(settings, topic: str) -> list:
-    return [r async for batch in io.batches(settings.kafka_bootstrap, topic, {}) for r in batch]
+    return [r async for batch in io.batches(settings.kafka_bootstrap, topic) for r in batch]
 
 
 async def test_keys_current_before_and_not_read_by_the_new_snapshot_are_deleted(table):

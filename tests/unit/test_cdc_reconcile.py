@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from services.cdc.reconcile import MARK, Cut, current, gap_deletes
+from services.cdc.reconcile import MARK, Current, Cut, gap_deletes
 from streams.debezium import decode
 from streams.history import TableHistory, resolve
 
@@ -28,6 +28,14 @@ def record(key: int, op: str | None, lsn: int, commit: int | None = None, ts: in
 
 def events(*records: tuple[bytes, bytes | None]):
     return [(k, decode(k, v)) for k, v in records]
+
+
+def current(pairs) -> dict:
+    """The keys `Current` holds after (Kafka key, event) pairs, fed in order."""
+    fold = Current()
+    for raw_key, event in pairs:
+        fold.add(raw_key, event)
+    return fold.held()
 
 
 def test_current_is_each_keys_last_event_by_position_unless_a_delete():

@@ -19,7 +19,6 @@ def test_murmur2_equals_the_kafka_client_hash(length):
         assert murmur2(key) == reference(key)
 
 
-
 @pytest.mark.parametrize("count", [1, 3, 4, 12])
 def test_key_partition_is_the_partition_kafkas_producer_picks(count):
     rng, partitions = random.Random(count), list(range(count))
