@@ -269,9 +269,18 @@ async def test_two_workers_share_the_partitions_and_still_equal_the_offline_run(
         await produce(settings, settings.topic(topics.CLICKS), records_of(events, 4, 20))
         await wait_equal(settings, events, [])
         assert first.poll() is None and second.poll() is None, workers.logs()
+        # Each worker prints its progress on a 1 s timer, so its line may follow the data
+        # it wrote to Redis by a second or more on a loaded machine: wait for it.
         for start in (1, 2):
-            assert "progress events=" in workers.log_of("features", start).read_text(), \
-                f"worker {start} processed nothing:\n" + workers.logs()
+            log = workers.log_of("features", start)
+
+            async def text() -> str:
+                return log.read_text()  # noqa: B023 (awaited before `log` changes)
+            try:
+                await eventually(text, lambda t: "progress events=" in t, timeout_s=20,
+                                 what=f"worker {start}'s progress line")
+            except TimeoutError:
+                pytest.fail(f"worker {start} processed nothing:\n" + workers.logs())
     finally:
         first.terminate()
         first.wait(timeout=20)
